@@ -1,0 +1,223 @@
+"""KV storage for many independent sequences, and the attention that reads it in place.
+
+`KVCachePool` preallocates K and V for `num_slots` sequences of up to `max_tokens` tokens each,
+`[layers, slots, kv_heads, max_tokens, head_dim]`, on the model's device. A sequence owns one
+slot for its lifetime; its length lives on the host, so planning a batch needs no device sync.
+
+One forward advances any subset of slots by any number of tokens (ragged). `plan()` turns
+(slots, new token counts) into index tensors once per forward; every layer then writes its new
+K/V into the slots and attends over them. When the batch's slots are a dense range, attention
+reads a strided view of the pool (no copy); a sparse batch gathers only its own slots.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# A sparse batch gathers its slots when its slot range is wider than this many times its size.
+_VIEW_MAX_SPREAD = 2
+
+
+class CacheFullError(RuntimeError):
+    """No free slot, or a sequence would grow past the pool's `max_tokens`."""
+
+
+@dataclass
+class AttentionPlan:
+    """Index tensors describing one ragged forward over a set of slots (built by `plan`)."""
+
+    slots: np.ndarray  # [N] slot of each sequence
+    new_tokens: np.ndarray  # [N] tokens each sequence adds
+    positions: torch.Tensor  # [Ntok] position of each new token in its sequence (RoPE, writes)
+    token_slot: torch.Tensor  # [Ntok] slot of each new token
+    token_row: torch.Tensor  # [Ntok] row of the token's sequence in the attention grid
+    token_col: torch.Tensor  # [Ntok] index of the token among its sequence's new tokens
+    last_token: torch.Tensor  # [N] index in the packed tokens of each sequence's last token
+    rows: slice | torch.Tensor  # slots in grid order: a range (view) or indices (gather)
+    num_rows: int
+    max_new: int  # Tq: widest sequence in this batch
+    max_len: int  # Lk: longest sequence after this forward
+    mask: torch.Tensor  # [rows, 1, n_rep * Tq, Lk] True where a query may attend
+
+
+class KVCachePool:
+    """Preallocated K/V cache for `num_slots` sequences of up to `max_tokens` tokens."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        num_slots: int,
+        max_tokens: int,
+        *,
+        num_heads: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if num_slots < 1 or max_tokens < 1:
+            raise ValueError(f"num_slots and max_tokens must be >= 1, got {num_slots}, {max_tokens}.")
+        shape = (num_layers, num_slots, num_kv_heads, max_tokens, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.n_rep = (num_heads or num_kv_heads) // num_kv_heads
+        self.lengths = np.zeros(num_slots, dtype=np.int64)
+        self._free = list(range(num_slots))  # a heap: the lowest free slot is handed out first
+        self._used = np.zeros(num_slots, dtype=bool)
+
+    # -- slot management ------------------------------------------------------------------
+    @property
+    def num_slots(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_tokens(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    @property
+    def bytes_per_slot(self) -> int:
+        return 2 * self.k[:, 0].numel() * self.k.element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return self.bytes_per_slot * self.num_slots
+
+    def allocate(self) -> int:
+        """Claim the lowest free slot (empty). Raises `CacheFullError` when none is free."""
+        if not self._free:
+            raise CacheFullError(f"all {self.num_slots} cache slots are in use.")
+        slot = heapq.heappop(self._free)
+        self._used[slot] = True
+        self.lengths[slot] = 0
+        return slot
+
+    def free(self, slot: int) -> None:
+        """Return `slot` to the pool."""
+        self._check_used(slot)
+        self._used[slot] = False
+        self.lengths[slot] = 0
+        heapq.heappush(self._free, slot)
+
+    def reset(self, slot: int) -> None:
+        """Empty `slot`'s sequence; stale K/V past the length is never read."""
+        self._check_used(slot)
+        self.lengths[slot] = 0
+
+    def _check_used(self, slot: int) -> None:
+        if not (0 <= slot < self.num_slots and self._used[slot]):
+            raise ValueError(f"slot {slot} is not allocated.")
+
+    # -- one forward ------------------------------------------------------------------------
+    def plan(self, slots: np.ndarray, new_tokens: np.ndarray) -> AttentionPlan:
+        """Lay out a forward that appends `new_tokens[i]` tokens to sequence `slots[i]`.
+
+        Raises `CacheFullError` (before anything is written) when a sequence would not fit.
+        """
+        slots = np.asarray(slots, dtype=np.int64)
+        new_tokens = np.asarray(new_tokens, dtype=np.int64)
+        n = len(slots)
+        if n == 0 or len(new_tokens) != n or (new_tokens < 1).any():
+            raise ValueError("plan needs one or more slots, each adding at least one token.")
+        if not self._used[slots].all() or len(np.unique(slots)) != n:
+            raise ValueError(f"slots {slots.tolist()} must be distinct allocated slots.")
+        start = self.lengths[slots]
+        end = start + new_tokens
+        if (end > self.max_tokens).any():
+            i = int(np.argmax(end > self.max_tokens))
+            raise CacheFullError(
+                f"slot {int(slots[i])} holds {int(start[i])} tokens and cannot take "
+                f"{int(new_tokens[i])} more (capacity {self.max_tokens})."
+            )
+
+        lo, hi = int(slots.min()), int(slots.max()) + 1
+        if hi - lo <= _VIEW_MAX_SPREAD * n:
+            rows: slice | np.ndarray = slice(lo, hi)
+            seq_row = slots - lo
+            num_rows = hi - lo
+        else:
+            rows = slots
+            seq_row = np.arange(n)
+            num_rows = n
+
+        seq_of_token = np.repeat(np.arange(n), new_tokens)
+        first_token = np.cumsum(new_tokens) - new_tokens
+        col = np.arange(len(seq_of_token)) - first_token[seq_of_token]
+        positions = start[seq_of_token] + col
+        max_new = int(new_tokens.max())
+
+        # Query position of every grid cell; padding cells repeat their sequence's last query
+        # and rows outside the batch attend to position 0 only, so no row is fully masked.
+        query_pos = np.zeros((num_rows, max_new), dtype=np.int64)
+        query_pos[seq_row] = start[:, None] + np.minimum(np.arange(max_new)[None, :], new_tokens[:, None] - 1)
+        dev = self.device
+        query_pos_t = torch.from_numpy(query_pos).to(dev).repeat(1, self.n_rep)
+        max_len = int(end.max())
+        mask = torch.arange(max_len, device=dev) <= query_pos_t[:, None, :, None]
+
+        def to_dev(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a).to(dev)
+
+        return AttentionPlan(
+            slots=slots,
+            new_tokens=new_tokens,
+            positions=to_dev(positions),
+            token_slot=to_dev(slots[seq_of_token]),
+            token_row=to_dev(seq_row[seq_of_token]),
+            token_col=to_dev(col),
+            last_token=to_dev(first_token + new_tokens - 1),
+            rows=rows if isinstance(rows, slice) else to_dev(rows),
+            num_rows=num_rows,
+            max_new=max_new,
+            max_len=max_len,
+            mask=mask,
+        )
+
+    def attend(
+        self, layer: int, plan: AttentionPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """Store this layer's new `k`, `v` ([Ntok, Hkv, hd]) and attend `q` ([Ntok, H, hd]).
+
+        Returns the attention output `[Ntok, H, hd]`.
+        """
+        k_cache, v_cache = self.k[layer], self.v[layer]
+        k_cache[plan.token_slot, :, plan.positions] = k
+        v_cache[plan.token_slot, :, plan.positions] = v
+        keys = k_cache[plan.rows, :, : plan.max_len]
+        values = v_cache[plan.rows, :, : plan.max_len]
+
+        num_heads, head_dim = q.shape[1], q.shape[2]
+        kv_heads = num_heads // self.n_rep
+        grid = q.new_zeros(plan.num_rows, num_heads, plan.max_new, head_dim)
+        grid[plan.token_row, :, plan.token_col] = q
+        # Heads sharing a KV head are stacked along the query axis: GQA without repeat_kv.
+        grid = grid.view(plan.num_rows, kv_heads, self.n_rep * plan.max_new, head_dim)
+        out = F.scaled_dot_product_attention(grid, keys, values, attn_mask=plan.mask)
+        out = out.view(plan.num_rows, num_heads, plan.max_new, head_dim)
+        return out[plan.token_row, :, plan.token_col]
+
+    def commit(self, plan: AttentionPlan) -> None:
+        """Advance the lengths of the planned sequences after a successful forward."""
+        self.lengths[plan.slots] += plan.new_tokens
+
+    def grow(self, max_tokens: int) -> None:
+        """Reallocate with room for `max_tokens` per slot, keeping the contents."""
+        if max_tokens <= self.max_tokens:
+            return
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(*old.shape[:3], max_tokens, old.shape[4])
+            new[..., : old.shape[3], :] = old
+            setattr(self, name, new)

@@ -1,0 +1,123 @@
+"""The step record a model reads: which fields, their shapes, dtypes and valid ranges.
+
+`StepSchema` is derived from the embedding config and is the single definition of a valid
+step. `validate_steps` checks tensors against it (used by `Model.forward`); the server checks
+numpy arrays against the same schema before a request reaches a session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from mouse_core.config import NUM_DONE_VALUES, EmbeddingConfig
+
+
+class StepValidationError(ValueError):
+    """A step field is missing, mis-shaped, mistyped or out of range."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One step field. `width == 0` means one scalar per step, else a vector of `width`."""
+
+    name: str
+    kind: Literal["int", "float"]
+    width: int = 0
+    high: int | None = None  # exclusive upper bound for int fields (lower bound is 0)
+
+    @property
+    def per_step_shape(self) -> tuple[int, ...]:
+        return (self.width,) if self.width else ()
+
+    def describe(self) -> str:
+        shape = f"[{self.width}]" if self.width else "scalar"
+        if self.kind == "float":
+            return f"{shape} finite float"
+        return f"{shape} int in [0, {self.high})"
+
+
+@dataclass(frozen=True)
+class StepSchema:
+    """The fields a model needs per step, in embedding order."""
+
+    fields: tuple[FieldSpec, ...]
+
+    @classmethod
+    def from_embedding(cls, cfg: EmbeddingConfig) -> StepSchema:
+        specs = {
+            "time": FieldSpec("time", "int", 0, cfg.max_num_time_steps),
+            "action": FieldSpec("action", "int", 0, cfg.max_num_actions),
+            "obs_continuous": FieldSpec("obs_continuous", "float", cfg.max_num_obs_continuous),
+            "obs_discrete": FieldSpec("obs_discrete", "int", 0, cfg.max_num_obs_discrete),
+            "obs_image": FieldSpec("obs_image", "int", cfg.max_num_obs_image, 256),
+            "reward": FieldSpec("reward", "float"),
+            "done": FieldSpec("done", "int", 0, NUM_DONE_VALUES),
+        }
+        return cls(tuple(specs[m] for m in cfg.modalities))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.fields)
+
+    def __getitem__(self, name: str) -> FieldSpec:
+        for f in self.fields:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+
+def check_values(spec: FieldSpec, values: np.ndarray | torch.Tensor) -> None:
+    """Raise `StepValidationError` unless every value is in range (ints) or finite (floats)."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu()
+        values = (values.float() if spec.kind == "float" else values.long()).numpy()
+    if values.size == 0:
+        return
+    if spec.kind == "float":
+        finite = np.isfinite(values)
+        if not finite.all():
+            bad = values[~finite].reshape(-1)[0]
+            raise StepValidationError(spec.name, f"got {bad}; expected finite floats.")
+        return
+    assert spec.high is not None
+    lo, hi = int(values.min()), int(values.max())
+    if lo < 0 or hi >= spec.high:
+        raise StepValidationError(
+            spec.name, f"got {lo if lo < 0 else hi}; expected an integer in [0, {spec.high})."
+        )
+
+
+def validate_steps(
+    schema: StepSchema, steps: Mapping[str, torch.Tensor], batch_shape: tuple[int, ...]
+) -> None:
+    """Check that `steps` has every field of `schema` with leading shape `batch_shape`.
+
+    Extra keys are ignored (a training TensorDict may carry more than the model reads).
+    """
+    for spec in schema.fields:
+        if spec.name not in steps:
+            raise StepValidationError(spec.name, f"missing; the model needs {list(schema.names)}.")
+        value = steps[spec.name]
+        if not isinstance(value, torch.Tensor):
+            raise StepValidationError(spec.name, f"expected a torch.Tensor, got {type(value).__name__}.")
+        expected = tuple(batch_shape) + spec.per_step_shape
+        if tuple(value.shape) != expected:
+            raise StepValidationError(
+                spec.name, f"shape {list(value.shape)}; expected {list(expected)} ({spec.describe()})."
+            )
+        if spec.kind == "int" and (
+            value.is_floating_point() or value.is_complex() or value.dtype == torch.bool
+        ):
+            raise StepValidationError(spec.name, f"dtype {value.dtype}; expected an integer dtype.")
+        if spec.kind == "float" and not value.is_floating_point():
+            raise StepValidationError(spec.name, f"dtype {value.dtype}; expected a floating dtype.")
+        check_values(spec, value)

@@ -1,0 +1,1 @@
+"""mouse_serve: the MOUSE action-serving gRPC server."""

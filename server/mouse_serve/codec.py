@@ -1,0 +1,134 @@
+"""Protobuf <-> numpy: decode and validate `Steps`, describe models, encode replies.
+
+Decoding is vectorised (no per-value Python loop): each used column is viewed as a numpy array
+and checked against the model's `StepSchema` before the request reaches a session.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mouse_client.v1 import action_service_pb2 as pb
+from mouse_core import StepSchema, StepValidationError
+from mouse_core.steps import check_values
+from mouse_serve.errors import invalid
+from mouse_serve.runner import ModelRunner
+from mouse_serve.sessions import ActionResult, Session
+
+STEP_FIELDS: dict[str, np.dtype] = {
+    "action": np.dtype(np.int64),
+    "reward": np.dtype(np.float32),
+    "done": np.dtype(np.int64),
+    "time": np.dtype(np.int64),
+    "obs_continuous": np.dtype(np.float32),
+    "obs_discrete": np.dtype(np.int64),
+    "obs_image": np.dtype(np.uint8),
+}
+
+
+def _column(steps: pb.Steps, name: str) -> np.ndarray:
+    value = getattr(steps, name)
+    if name == "obs_image":
+        return np.frombuffer(value, dtype=np.uint8)
+    return np.asarray(value, dtype=STEP_FIELDS[name])
+
+
+def decode_steps(
+    steps: pb.Steps, schema: StepSchema, model: str, max_steps: int
+) -> tuple[dict[str, np.ndarray], int]:
+    """Validate a `Steps` message against `schema`; returns ({field: [n, ...]}, n)."""
+    columns = {name: _column(steps, name) for name in STEP_FIELDS}
+    used = set(schema.names)
+    extra = sorted(n for n, c in columns.items() if c.size and n not in used)
+    if extra:
+        raise invalid(
+            f"steps.{extra[0]} is set but model {model!r} does not use it; it reads {list(schema.names)}."
+        )
+    first = schema.fields[0]
+    n = columns[first.name].size // max(first.width, 1)
+    if n == 0:
+        raise invalid(f"steps is empty: model {model!r} needs at least one step with {list(schema.names)}.")
+    if n > max_steps:
+        raise invalid(f"steps carries {n} steps; at most {max_steps} are accepted per request.")
+    out: dict[str, np.ndarray] = {}
+    for spec in schema.fields:
+        col = columns[spec.name]
+        want = n * max(spec.width, 1)
+        if col.size != want:
+            shape = f"{n} steps x {spec.width}" if spec.width else f"{n} steps"
+            if col.size == 0:
+                raise invalid(
+                    f"steps.{spec.name} is missing; model {model!r} needs {spec.describe()} per step ({shape})."
+                )
+            raise invalid(f"steps.{spec.name} has {col.size} values; expected {want} ({shape}).")
+        try:
+            check_values(spec, col)
+        except StepValidationError as exc:
+            raise invalid(f"steps.{exc}") from None
+        out[spec.name] = col.reshape((n, spec.width) if spec.width else (n,))
+    return out, n
+
+
+def encode_steps(columns: dict[str, np.ndarray]) -> pb.Steps:
+    """The inverse of `decode_steps` (used by tests and the bench)."""
+    msg = pb.Steps()
+    for name, value in columns.items():
+        if name == "obs_image":
+            msg.obs_image = np.asarray(value, dtype=np.uint8).tobytes()
+        else:
+            getattr(msg, name).extend(np.asarray(value).reshape(-1).tolist())
+    return msg
+
+
+_KIND = {"int": pb.FIELD_KIND_INT, "float": pb.FIELD_KIND_FLOAT}
+
+
+def model_info(runner: ModelRunner) -> pb.ModelInfo:
+    model = runner.model
+    fields = [
+        pb.FieldInfo(
+            name=f.name,
+            kind=pb.FIELD_KIND_BYTES if f.name == "obs_image" else _KIND[f.kind],
+            width=f.width,
+            max_value=f.high or 0,
+        )
+        for f in model.step_schema.fields
+    ]
+    return pb.ModelInfo(
+        name=runner.spec.name,
+        source=runner.spec.source,
+        fields=fields,
+        max_num_actions=model.max_num_actions,
+        tokens_per_step=model.tokens_per_step,
+        action_head=model.action_head,
+        backbone=runner.backbone,
+        max_context_steps=runner.max_context_steps,
+        dtype=runner.dtype_name,
+        device=str(runner.device),
+        num_parameters=runner.num_parameters,
+    )
+
+
+def open_reply(session: Session, runner: ModelRunner) -> pb.OpenSessionResponse:
+    return pb.OpenSessionResponse(
+        session_id=session.id,
+        model=model_info(runner),
+        seed=session.seed,
+        temperature=session.temperature,
+        num_actions=session.num_actions,
+        context_policy=int(session.policy),
+        max_context_steps=session.max_context_steps,
+    )
+
+
+def action_reply(result: ActionResult) -> pb.GetActionResponse:
+    reply = pb.GetActionResponse(
+        session_id=result.session_id,
+        seq=result.seq,
+        action=result.action,
+        context_steps=result.context_steps,
+        context_truncated=result.context_truncated,
+    )
+    if result.scores is not None:
+        reply.scores.extend(result.scores.tolist())
+    return reply

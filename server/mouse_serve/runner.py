@@ -1,0 +1,175 @@
+"""Model runner: one loaded model, its KV-cache pool, and the batched forward + sampling.
+
+`ModelRunner.run` executes on the runner's own thread (the scheduler calls it through an
+executor) so the event loop keeps accepting requests while the model computes. Everything it
+receives is already validated; it only packs arrays, runs the model and samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mouse_core import DTYPES, KVCachePool, Model, load_model, sample_actions
+from mouse_serve.config import ModelSpec
+
+log = logging.getLogger(__name__)
+
+# Context limit of models without a backbone (their output depends on the last step only).
+NO_BACKBONE_CONTEXT_STEPS = 1024
+
+
+@dataclass
+class WorkItem:
+    """Steps to append to one session's sequence, and how to pick its action."""
+
+    slot: int
+    steps: dict[str, np.ndarray]  # per field [n, ...], validated
+    num_steps: int
+    reset: bool  # empty the slot first (context truncation or resync)
+    temperature: float
+    num_actions: int
+    uniform: float  # in [0, 1): the sampling draw, a function of (seed, seq)
+    want_scores: bool
+
+
+@dataclass
+class WorkResult:
+    action: int
+    scores: np.ndarray | None
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` picks CUDA when available; `cuda`/`cuda:N` must exist."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine.")
+        index = dev.index or 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present.")
+        return torch.device("cuda", index)
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` is bfloat16 on CUDA GPUs that support it (else float16) and float32 on CPU."""
+    if dtype != "auto":
+        return DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+class ModelRunner:
+    """A model on its device with a preallocated KV pool of `max_sessions` slots."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        model: Model,
+        max_sessions: int,
+        max_context_steps: int,
+        prefill_chunk_steps: int,
+    ) -> None:
+        self.spec = spec
+        self.model = model
+        limit = model.config.max_steps or NO_BACKBONE_CONTEXT_STEPS
+        self.max_context_steps = min(max_context_steps, limit) if max_context_steps else limit
+        self.pool: KVCachePool = model.new_cache_pool(max_sessions, self.max_context_steps)
+        self.prefill_chunk_steps = prefill_chunk_steps
+        self.device = model.device
+        self.packed = model.pack_weights()
+
+    @classmethod
+    def load(
+        cls,
+        spec: ModelSpec,
+        *,
+        device: str,
+        dtype: str,
+        max_sessions: int,
+        max_context_steps: int,
+        prefill_chunk_steps: int,
+    ) -> ModelRunner:
+        dev = resolve_device(device)
+        started = time.perf_counter()
+        model = load_model(spec.source, device=dev, dtype=resolve_dtype(dtype, dev))
+        runner = cls(spec, model, max_sessions, max_context_steps, prefill_chunk_steps)
+        log.info(
+            "loaded model %r from %s in %.1fs: %s backbone, %s on %s, %d parameters, "
+            "%d sessions x %d steps (%.1f MiB KV pool)",
+            spec.name,
+            spec.source,
+            time.perf_counter() - started,
+            runner.backbone,
+            runner.dtype_name,
+            dev,
+            runner.num_parameters,
+            max_sessions,
+            runner.max_context_steps,
+            runner.pool.nbytes / 2**20,
+        )
+        return runner
+
+    # -- facts ------------------------------------------------------------------------------
+    @property
+    def backbone(self) -> str:
+        bb = self.model.config.backbone
+        return bb.kind if bb is not None else "none"
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.model.backbone_dtype).removeprefix("torch.")
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    # -- compute (runner thread) ------------------------------------------------------------
+    def _to_device(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in arrays.items()}
+
+    def run(self, items: list[WorkItem]) -> list[WorkResult]:
+        """Apply every item's steps in one batched forward and sample all actions at once."""
+        pool, model, chunk = self.pool, self.model, self.prefill_chunk_steps
+        for item in items:
+            if item.reset:
+                pool.reset(item.slot)
+            # Long prefills run their leading chunks alone; the last chunk joins the batch.
+            for start in range(0, item.num_steps - chunk, chunk):
+                part = {k: v[start : start + chunk] for k, v in item.steps.items()}
+                model.forward_batch(self._to_device(part), pool, np.array([item.slot]), np.array([chunk]))
+        tails = [(item.num_steps - 1) // chunk * chunk for item in items]
+        packed = {
+            name: np.concatenate([item.steps[name][tail:] for item, tail in zip(items, tails, strict=True)])
+            for name in model.step_schema.names
+        }
+        slots = np.array([item.slot for item in items])
+        counts = np.array([item.num_steps - tail for item, tail in zip(items, tails, strict=True)])
+        with torch.inference_mode():
+            scores = model.forward_batch(self._to_device(packed), pool, slots, counts)
+            dev = scores.device
+            actions = sample_actions(
+                scores,
+                torch.tensor([i.temperature for i in items], dtype=torch.float32, device=dev),
+                torch.tensor([i.num_actions for i in items], device=dev),
+                torch.tensor([i.uniform for i in items], dtype=torch.float64, device=dev),
+            )
+        actions_host = actions.cpu().numpy()
+        scores_host = scores.cpu().numpy() if any(i.want_scores for i in items) else None
+        return [
+            WorkResult(
+                int(actions_host[j]),
+                scores_host[j, : item.num_actions].copy()
+                if scores_host is not None and item.want_scores
+                else None,
+            )
+            for j, item in enumerate(items)
+        ]

@@ -1,0 +1,156 @@
+"""Scheduler: batches every pending step of a model into one forward on the runner thread.
+
+Whenever the model is free, the scheduler takes the queued work items in arrival order (one per
+session at most: a session lock keeps a second one out until the first is answered) up to a
+padded-token budget, runs them as one ragged batch on the runner's thread, and resolves each
+item's future. The event loop keeps accepting and queueing requests meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from mouse_serve.errors import deadline_exceeded
+from mouse_serve.runner import ModelRunner, WorkItem, WorkResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchStats:
+    """Reported after every forward (for metrics)."""
+
+    model: str
+    size: int
+    tokens: int
+    queue_wait_s: list[float]
+    model_time_s: float
+
+
+@dataclass
+class _Pending:
+    item: WorkItem
+    future: asyncio.Future[WorkResult]
+    deadline: float | None  # time.monotonic() deadline
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+class Scheduler:
+    """Per-model batching loop in front of a `ModelRunner`."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        *,
+        max_batch_tokens: int,
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ) -> None:
+        self.runner = runner
+        self.max_batch_tokens = max_batch_tokens
+        self._on_batch = on_batch
+        self._queue: deque[_Pending] = deque()
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"runner-{runner.spec.name}")
+        self._task: asyncio.Task[None] | None = None
+        self.busy = False
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(
+            self._loop(), name=f"scheduler-{self.runner.spec.name}"
+        )
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    def submit(self, item: WorkItem, deadline: float | None = None) -> asyncio.Future[WorkResult]:
+        """Queue `item`; the future resolves once it has been applied."""
+        future: asyncio.Future[WorkResult] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(item, future, deadline))
+        self._wake.set()
+        return future
+
+    def cancel(self, future: asyncio.Future[WorkResult]) -> bool:
+        """Withdraw a still-queued item; False when it is already being computed."""
+        for pending in self._queue:
+            if pending.future is future:
+                self._queue.remove(pending)
+                future.cancel()
+                return True
+        return future.cancelled()
+
+    def _tokens(self, item: WorkItem) -> int:
+        steps_in_batch = (item.num_steps - 1) % self.runner.prefill_chunk_steps + 1
+        return steps_in_batch * self.runner.model.tokens_per_step
+
+    def _take(self) -> list[_Pending]:
+        """Pop a batch in arrival order within the padded-token budget (always at least one)."""
+        batch: list[_Pending] = []
+        widest = 0
+        now = time.monotonic()
+        while self._queue:
+            pending = self._queue[0]
+            if pending.future.done():
+                self._queue.popleft()
+                continue
+            if pending.deadline is not None and now > pending.deadline:
+                self._queue.popleft()
+                pending.future.set_exception(
+                    deadline_exceeded("the request's deadline passed before it ran; it was not applied.")
+                )
+                continue
+            tokens = self._tokens(pending.item)
+            if batch and (len(batch) + 1) * max(widest, tokens) > self.max_batch_tokens:
+                break
+            widest = max(widest, tokens)
+            batch.append(self._queue.popleft())
+        return batch
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = self._take()
+            if not batch:
+                continue
+            started = time.monotonic()
+            self.busy = True
+            try:
+                results = await loop.run_in_executor(self._executor, self.runner.run, [p.item for p in batch])
+            except Exception as exc:
+                log.exception("forward of %d item(s) failed", len(batch))
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            finally:
+                self.busy = False
+            elapsed = time.monotonic() - started
+            for p, result in zip(batch, results, strict=True):
+                if not p.future.done():
+                    p.future.set_result(result)
+            if self._on_batch is not None:
+                self._on_batch(
+                    BatchStats(
+                        self.runner.spec.name,
+                        len(batch),
+                        sum(self._tokens(p.item) for p in batch),
+                        [started - p.queued_at for p in batch],
+                        elapsed,
+                    )
+                )

@@ -1,0 +1,121 @@
+"""Wiring and lifecycle: load models, start the gRPC server (with health and reflection), drain
+gracefully on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from mouse_client.v1 import action_service_pb2 as pb
+from mouse_client.v1 import action_service_pb2_grpc as pb_grpc
+from mouse_serve.config import ServerConfig
+from mouse_serve.runner import ModelRunner
+from mouse_serve.scheduler import Scheduler
+from mouse_serve.service import ActionService
+from mouse_serve.sessions import ContextPolicy, SessionManager
+
+log = logging.getLogger("mouse_serve")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ActionService"].full_name
+EXPIRY_INTERVAL_S = 1.0
+
+
+def load_runners(config: ServerConfig) -> dict[str, ModelRunner]:
+    return {
+        spec.name: ModelRunner.load(
+            spec,
+            device=config.device,
+            dtype=config.dtype,
+            max_sessions=config.max_sessions,
+            max_context_steps=config.max_context_steps,
+            prefill_chunk_steps=config.prefill_chunk_steps,
+        )
+        for spec in config.models
+    }
+
+
+class Server:
+    """A running mouse-serve instance (models, sessions, schedulers, gRPC server)."""
+
+    def __init__(self, config: ServerConfig, runners: dict[str, ModelRunner]) -> None:
+        self.config = config
+        self.runners = runners
+        self.schedulers = {
+            name: Scheduler(runner, max_batch_tokens=config.max_batch_tokens)
+            for name, runner in runners.items()
+        }
+        self.sessions = SessionManager(
+            runners,
+            self.schedulers,
+            default_policy=ContextPolicy[config.context_policy.upper()],
+            idle_timeout_s=config.idle_timeout_s,
+            max_sessions_per_owner=config.max_sessions_per_token,
+        )
+        self.service = ActionService(self.sessions, max_steps_per_request=config.max_steps_per_request)
+        self.health = health.aio.HealthServicer()
+        self.grpc = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_send_message_length", config.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        pb_grpc.add_ActionServiceServicer_to_server(self.service, self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc
+        )
+        self.port = 0
+        self._expiry: asyncio.Task[None] | None = None
+
+    async def start(self) -> int:
+        address = f"{self.config.host}:{self.config.port}"
+        self.port = self.grpc.add_insecure_port(address)
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {address}")
+        for scheduler in self.schedulers.values():
+            scheduler.start()
+        await self.grpc.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._expiry = asyncio.create_task(self._expire_loop())
+        log.info("listening on %s:%d", self.config.host, self.port)
+        return self.port
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(EXPIRY_INTERVAL_S)
+            self.sessions.expire_idle()
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop serving: health NOT_SERVING, no new sessions, in-flight calls get `grace_s`."""
+        grace = self.config.grace_period_s if grace_s is None else grace_s
+        self.service.draining = True
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.grpc.stop(grace)
+        if self._expiry is not None:
+            self._expiry.cancel()
+        for scheduler in self.schedulers.values():
+            await scheduler.stop()
+        log.info("stopped")
+
+
+async def serve(config: ServerConfig) -> None:
+    """Load the models, serve until SIGTERM/SIGINT, then shut down gracefully."""
+    runners = await asyncio.to_thread(load_runners, config)
+    server = Server(config, runners)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down (grace period %.1fs)", config.grace_period_s)
+    await server.stop()

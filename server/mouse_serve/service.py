@@ -1,0 +1,224 @@
+"""gRPC transport: `mouse.action.v1.ActionService` on grpc.aio.
+
+Each handler decodes and validates its request, hands it to the session manager and encodes the
+reply. A `ServiceError` becomes the call's status (or, inside StreamActions and BatchGetAction,
+that item's `RequestError`); anything unexpected is logged and answered with INTERNAL while the
+server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from mouse_client.v1 import action_service_pb2 as pb
+from mouse_client.v1 import action_service_pb2_grpc as pb_grpc
+from mouse_serve.codec import action_reply, decode_steps, model_info, open_reply
+from mouse_serve.errors import ServiceError, invalid, unavailable
+from mouse_serve.sessions import ContextPolicy, SessionManager, SessionSettings
+
+log = logging.getLogger(__name__)
+SESSION_HEADER = "mouse-session-id"
+
+Owner = Callable[[grpc.aio.ServicerContext], str | None]
+
+
+def _status(exc: Exception) -> ServiceError:
+    if isinstance(exc, ServiceError):
+        return exc
+    log.exception("unexpected error while serving a request")
+    return ServiceError(
+        grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); the server keeps serving."
+    )
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _header(context: grpc.aio.ServicerContext, name: str) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == name:
+            return value if isinstance(value, str) else value.decode()
+    return None
+
+
+class ActionService(pb_grpc.ActionServiceServicer):
+    def __init__(
+        self,
+        sessions: SessionManager,
+        *,
+        max_steps_per_request: int,
+        owner_of: Owner = lambda context: None,
+    ) -> None:
+        self.sessions = sessions
+        self.max_steps_per_request = max_steps_per_request
+        self.owner_of = owner_of
+        self.draining = False
+
+    # -- helpers ------------------------------------------------------------------------------
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception) -> Any:
+        err = _status(exc)
+        await context.abort(err.code, err.message)
+
+    def _check_header(self, context: grpc.aio.ServicerContext, session_id: str) -> None:
+        header = _header(context, SESSION_HEADER)
+        if header is not None and session_id and header != session_id:
+            raise invalid(
+                f"metadata {SESSION_HEADER}={header!r} does not match the request's session_id {session_id!r}."
+            )
+
+    async def _get_action(
+        self, req: pb.GetActionRequest, owner: str | None, deadline: float | None
+    ) -> pb.GetActionResponse:
+        session = self.sessions.get(req.session_id, owner)
+        runner = self.sessions.runners[session.model]
+        steps, n = decode_steps(
+            req.steps, runner.model.step_schema, session.model, self.max_steps_per_request
+        )
+        result = await self.sessions.step(
+            session,
+            req.seq,
+            steps,
+            n,
+            temperature=req.temperature if req.HasField("temperature") else None,
+            num_actions=req.num_actions if req.HasField("num_actions") else None,
+            want_scores=req.return_scores,
+            deadline=deadline,
+        )
+        return action_reply(result)
+
+    # -- RPCs ---------------------------------------------------------------------------------
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[model_info(r) for r in self.sessions.runners.values()])
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelInfoResponse:
+        try:
+            return pb.GetModelInfoResponse(model=model_info(self.sessions.runner(request.model)))
+        except Exception as exc:
+            return await self._abort(context, exc)
+
+    async def OpenSession(
+        self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.OpenSessionResponse:
+        try:
+            if self.draining:
+                raise unavailable(
+                    "the server is shutting down and opens no new sessions; retry on another replica."
+                )
+            header = _header(context, SESSION_HEADER)
+            if header is not None and request.session_id and header != request.session_id:
+                raise invalid(
+                    f"metadata {SESSION_HEADER}={header!r} does not match session_id {request.session_id!r}."
+                )
+            settings = SessionSettings(
+                model=request.model,
+                seed=request.seed if request.HasField("seed") else None,
+                temperature=request.temperature if request.HasField("temperature") else None,
+                num_actions=request.num_actions if request.HasField("num_actions") else None,
+                policy=ContextPolicy(request.context_policy)
+                if request.context_policy in ContextPolicy._value2member_map_
+                else request.context_policy,
+                max_context_steps=request.max_context_steps
+                if request.HasField("max_context_steps")
+                else None,
+                session_id=request.session_id or header or "",
+            )
+            session = self.sessions.open(settings, self.owner_of(context))
+            return open_reply(session, self.sessions.runners[session.model])
+        except Exception as exc:
+            return await self._abort(context, exc)
+
+    async def GetAction(
+        self, request: pb.GetActionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetActionResponse:
+        try:
+            self._check_header(context, request.session_id)
+            return await self._get_action(request, self.owner_of(context), _deadline(context))
+        except Exception as exc:
+            return await self._abort(context, exc)
+
+    async def StreamActions(
+        self, request_iterator: AsyncIterator[pb.StreamActionsRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamActionsResponse]:
+        owner = self.owner_of(context)
+        replies: asyncio.Queue[pb.StreamActionsResponse | None] = asyncio.Queue()
+
+        async def answer(msg: pb.StreamActionsRequest) -> None:
+            req = msg.request
+            try:
+                reply = pb.StreamActionsResponse(response=await self._get_action(req, owner, None))
+            except Exception as exc:
+                err = _status(exc)
+                reply = pb.StreamActionsResponse(
+                    error=pb.RequestError(code=err.code.value[0], message=err.message)
+                )
+            reply.session_id, reply.seq = req.session_id, req.seq
+            replies.put_nowait(reply)
+
+        async def read() -> None:
+            pending: set[asyncio.Task[None]] = set()
+            try:
+                async for msg in request_iterator:
+                    task = asyncio.create_task(answer(msg))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+                if pending:
+                    await asyncio.gather(*pending)
+            finally:
+                replies.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (reply := await replies.get()) is not None:
+                yield reply
+            await reader  # surfaces a broken request stream
+        finally:
+            reader.cancel()
+
+    async def BatchGetAction(
+        self, request: pb.BatchGetActionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.BatchGetActionResponse:
+        owner, deadline = self.owner_of(context), _deadline(context)
+
+        async def one(req: pb.GetActionRequest) -> pb.BatchGetActionResult:
+            try:
+                return pb.BatchGetActionResult(response=await self._get_action(req, owner, deadline))
+            except Exception as exc:
+                err = _status(exc)
+                return pb.BatchGetActionResult(
+                    error=pb.RequestError(code=err.code.value[0], message=err.message)
+                )
+
+        results = await asyncio.gather(*(one(r) for r in request.requests))
+        return pb.BatchGetActionResponse(results=results)
+
+    async def ResetSession(
+        self, request: pb.ResetSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ResetSessionResponse:
+        try:
+            self._check_header(context, request.session_id)
+            await self.sessions.reset(self.sessions.get(request.session_id, self.owner_of(context)))
+            return pb.ResetSessionResponse()
+        except Exception as exc:
+            return await self._abort(context, exc)
+
+    async def CloseSession(
+        self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CloseSessionResponse:
+        try:
+            self._check_header(context, request.session_id)
+            await self.sessions.close(self.sessions.get(request.session_id, self.owner_of(context)))
+            return pb.CloseSessionResponse()
+        except Exception as exc:
+            return await self._abort(context, exc)

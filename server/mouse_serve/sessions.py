@@ -1,0 +1,371 @@
+"""Sessions: one per environment stream, bound to a model and a KV-cache slot.
+
+A session applies its requests strictly in order (an asyncio lock held from the sequence-number
+check until the result is recorded), answers a retried sequence number from its last reply, keeps
+its recent steps for re-prefilling at the context limit, and expires when idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import numpy as np
+
+from mouse_core import counter_uniform
+from mouse_serve.errors import (
+    ServiceError,
+    already_exists,
+    exhausted,
+    failed_precondition,
+    invalid,
+    not_found,
+    permission_denied,
+)
+from mouse_serve.runner import ModelRunner, WorkItem, WorkResult
+from mouse_serve.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+SESSION_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+class ContextPolicy(IntEnum):
+    """Mirrors mouse.action.v1.ContextPolicy."""
+
+    UNSPECIFIED = 0
+    SLIDING = 1
+    RESET = 2
+    REJECT = 3
+
+
+class StepHistory:
+    """The most recent `capacity` steps of a session, per field."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._arrays: dict[str, np.ndarray] = {}
+        self._end = 0  # steps stored in the arrays; the window is the last `capacity` of them
+
+    def __len__(self) -> int:
+        return min(self._end, self.capacity)
+
+    def clear(self) -> None:
+        self._end = 0
+
+    def append(self, steps: dict[str, np.ndarray], n: int) -> None:
+        if n >= self.capacity:
+            steps = {k: v[n - self.capacity :] for k, v in steps.items()}
+            self._end, n = 0, self.capacity
+        if not self._arrays:  # twice the window, so appends shift rarely
+            self._arrays = {k: np.empty((2 * self.capacity, *v.shape[1:]), v.dtype) for k, v in steps.items()}
+        if self._end + n > 2 * self.capacity:
+            keep = len(self)
+            for a in self._arrays.values():
+                a[:keep] = a[self._end - keep : self._end]
+            self._end = keep
+        for k, v in steps.items():
+            self._arrays[k][self._end : self._end + n] = v
+        self._end += n
+
+    def recent(self, k: int) -> dict[str, np.ndarray]:
+        k = min(k, len(self))
+        return {name: a[self._end - k : self._end] for name, a in self._arrays.items()}
+
+
+@dataclass
+class ActionResult:
+    """What a GetAction answers (transport-independent)."""
+
+    session_id: str
+    seq: int
+    action: int
+    scores: np.ndarray | None
+    context_steps: int
+    context_truncated: bool
+
+
+@dataclass
+class Session:
+    id: str
+    model: str
+    slot: int
+    owner: str | None
+    seed: int
+    temperature: float
+    num_actions: int
+    policy: ContextPolicy
+    max_context_steps: int
+    history: StepHistory
+    last_seq: int = 0
+    last_reply: ActionResult | None = None
+    context_steps: int = 0  # steps in the KV cache
+    resync: bool = False  # the cache may disagree with the history: re-prefill on next step
+    closed: bool = False
+    last_used: float = field(default_factory=time.monotonic)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """OpenSession parameters (None = default)."""
+
+    model: str
+    seed: int | None = None
+    temperature: float | None = None
+    num_actions: int | None = None
+    policy: ContextPolicy = ContextPolicy.UNSPECIFIED
+    max_context_steps: int | None = None
+    session_id: str = ""
+
+
+class SessionManager:
+    """All sessions of all models; the only place session state changes."""
+
+    def __init__(
+        self,
+        runners: dict[str, ModelRunner],
+        schedulers: dict[str, Scheduler],
+        *,
+        default_policy: ContextPolicy,
+        idle_timeout_s: float,
+        max_sessions_per_owner: int = 0,
+        on_event: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.runners = runners
+        self.schedulers = schedulers
+        self.default_policy = default_policy
+        self.idle_timeout_s = idle_timeout_s
+        self.max_sessions_per_owner = max_sessions_per_owner
+        self._sessions: dict[str, Session] = {}
+        self._on_event = on_event or (lambda event, model: None)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def count(self, model: str) -> int:
+        return sum(1 for s in self._sessions.values() if s.model == model)
+
+    def runner(self, model: str) -> ModelRunner:
+        name = model or "default"
+        if name not in self.runners:
+            raise not_found(f"model {name!r} is not served here; available: {sorted(self.runners)}.")
+        return self.runners[name]
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def open(self, settings: SessionSettings, owner: str | None) -> Session:
+        runner = self.runner(settings.model)
+        model = runner.model
+        if settings.temperature is not None and not (
+            np.isfinite(settings.temperature) and settings.temperature >= 0
+        ):
+            raise invalid(f"temperature must be a finite number >= 0, got {settings.temperature}.")
+        if settings.num_actions is not None and not 1 <= settings.num_actions <= model.max_num_actions:
+            raise invalid(f"num_actions must be in [1, {model.max_num_actions}], got {settings.num_actions}.")
+        limit = runner.max_context_steps
+        if settings.max_context_steps is not None and not 1 <= settings.max_context_steps <= limit:
+            raise invalid(
+                f"max_context_steps must be in [1, {limit}] for model {runner.spec.name!r}, got {settings.max_context_steps}."
+            )
+        if settings.policy not in ContextPolicy.__members__.values():
+            raise invalid(f"context_policy {int(settings.policy)} is unknown; expected 0-3.")
+        session_id = settings.session_id or secrets.token_urlsafe(16)
+        if not SESSION_ID.match(session_id):
+            raise invalid(
+                f"session_id {session_id!r} is malformed; expected 1-128 characters of [A-Za-z0-9._-]."
+            )
+        if session_id in self._sessions:
+            raise already_exists(f"session_id {session_id!r} is already in use; propose another.")
+        if self.max_sessions_per_owner and owner is not None:
+            owned = sum(1 for s in self._sessions.values() if s.owner == owner)
+            if owned >= self.max_sessions_per_owner:
+                raise exhausted(
+                    f"this token already holds {owned} sessions (limit {self.max_sessions_per_owner}); close some first."
+                )
+        if runner.pool.num_free == 0:
+            raise exhausted(
+                f"all {runner.pool.num_slots} sessions of model {runner.spec.name!r} are in use; "
+                "close idle sessions, wait for them to expire or raise --max-sessions."
+            )
+        session = Session(
+            id=session_id,
+            model=runner.spec.name,
+            slot=runner.pool.allocate(),
+            owner=owner,
+            seed=settings.seed if settings.seed is not None else secrets.randbits(63),
+            temperature=1.0 if settings.temperature is None else float(settings.temperature),
+            num_actions=settings.num_actions or model.max_num_actions,
+            policy=settings.policy or self.default_policy,
+            max_context_steps=settings.max_context_steps or limit,
+            history=StepHistory(settings.max_context_steps or limit),
+        )
+        self._sessions[session_id] = session
+        self._on_event("opened", session.model)
+        return session
+
+    def get(self, session_id: str, owner: str | None) -> Session:
+        session = self._sessions.get(session_id)
+        if session is None or session.closed:
+            if not session_id:
+                raise invalid("session_id is empty; open a session first.")
+            raise not_found(
+                f"session {session_id!r} does not exist (closed, expired or never opened); open a new one."
+            )
+        if session.owner != owner:
+            raise permission_denied(f"session {session_id!r} belongs to another token.")
+        return session
+
+    def _drop(self, session: Session, event: str) -> None:
+        session.closed = True
+        self._sessions.pop(session.id, None)
+        self.runners[session.model].pool.free(session.slot)
+        self._on_event(event, session.model)
+
+    async def close(self, session: Session) -> None:
+        async with session.lock:
+            if not session.closed:
+                self._drop(session, "closed")
+
+    async def reset(self, session: Session) -> None:
+        async with session.lock:
+            if session.closed:
+                raise not_found(f"session {session.id!r} was closed.")
+            self.runners[session.model].pool.reset(session.slot)
+            session.history.clear()
+            session.context_steps = 0
+            session.resync = False
+            session.last_used = time.monotonic()
+
+    def expire_idle(self, now: float | None = None) -> int:
+        """Close sessions idle for longer than the timeout; returns how many."""
+        now = time.monotonic() if now is None else now
+        idle = [
+            s
+            for s in self._sessions.values()
+            if now - s.last_used > self.idle_timeout_s and not s.lock.locked()
+        ]
+        for session in idle:
+            self._drop(session, "expired")
+        if idle:
+            log.info("expired %d idle session(s)", len(idle))
+        return len(idle)
+
+    # -- steps --------------------------------------------------------------------------------
+    async def step(
+        self,
+        session: Session,
+        seq: int,
+        steps: dict[str, np.ndarray],
+        num_steps: int,
+        *,
+        temperature: float | None,
+        num_actions: int | None,
+        want_scores: bool,
+        deadline: float | None = None,
+    ) -> ActionResult:
+        """Apply `steps` to the session in order and return the action for the last one."""
+        runner = self.runners[session.model]
+        if temperature is not None and not (np.isfinite(temperature) and temperature >= 0):
+            raise invalid(f"temperature must be a finite number >= 0, got {temperature}.")
+        if num_actions is not None and not 1 <= num_actions <= runner.model.max_num_actions:
+            raise invalid(f"num_actions must be in [1, {runner.model.max_num_actions}], got {num_actions}.")
+        async with session.lock:
+            if session.closed:
+                raise not_found(f"session {session.id!r} was closed.")
+            session.last_used = time.monotonic()
+            if seq == 0:
+                seq = session.last_seq + 1
+            elif seq == session.last_seq and session.last_reply is not None:
+                return session.last_reply  # a retry: same reply, cache untouched
+            elif seq <= session.last_seq:
+                raise failed_precondition(
+                    f"seq {seq} was already applied; the session is at seq {session.last_seq} and only "
+                    "the last one can be retried."
+                )
+            elif seq != session.last_seq + 1:
+                raise failed_precondition(
+                    f"seq {seq} skips ahead: the session is at seq {session.last_seq}; send seq {session.last_seq + 1}."
+                )
+
+            item, truncated = self._plan(session, steps, num_steps)
+            item.temperature = session.temperature if temperature is None else float(temperature)
+            item.num_actions = num_actions or session.num_actions
+            item.uniform = float(counter_uniform(np.array([session.seed]), np.array([seq]))[0])
+            item.want_scores = want_scores
+            scheduler = self.schedulers[session.model]
+            pending = scheduler.submit(item, deadline)
+            try:
+                result: WorkResult = await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                if scheduler.cancel(pending):
+                    raise  # still queued: nothing was applied
+                # Already computing: record the outcome so a retry of this seq gets its reply.
+                result = await self._finish(session, pending)
+                self._record(session, seq, steps, num_steps, item, result, truncated)
+                raise
+            except ServiceError:
+                raise  # refused before it ran (e.g. deadline): nothing was applied
+            except Exception:
+                session.resync = True  # the cache may hold part of it: rebuild from history next time
+                raise
+            return self._record(session, seq, steps, num_steps, item, result, truncated)
+
+    @staticmethod
+    async def _finish(session: Session, pending: asyncio.Future[WorkResult]) -> WorkResult:
+        try:
+            return await pending
+        except Exception:
+            session.resync = True
+            raise
+
+    @staticmethod
+    def _record(
+        session: Session,
+        seq: int,
+        steps: dict[str, np.ndarray],
+        num_steps: int,
+        item: WorkItem,
+        result: WorkResult,
+        truncated: bool,
+    ) -> ActionResult:
+        session.history.append(steps, num_steps)
+        session.context_steps = item.num_steps if item.reset else session.context_steps + num_steps
+        session.resync = False
+        session.last_seq = seq
+        session.last_reply = ActionResult(
+            session.id, seq, result.action, result.scores, session.context_steps, truncated
+        )
+        session.last_used = time.monotonic()
+        return session.last_reply
+
+    def _plan(self, session: Session, steps: dict[str, np.ndarray], n: int) -> tuple[WorkItem, bool]:
+        """The work item for `n` new steps, re-prefilling history at the context limit."""
+        limit = session.max_context_steps
+        prefix = 0
+        truncated = False
+        if session.resync:
+            prefix = min(len(session.history), max(limit - n, 0))
+        elif session.context_steps + n > limit:
+            truncated = True
+            if session.policy == ContextPolicy.REJECT:
+                raise failed_precondition(
+                    f"session {session.id!r} holds {session.context_steps} of {limit} context steps and "
+                    f"cannot take {n} more (policy REJECT); call ResetSession or open it with another policy."
+                )
+            if session.policy == ContextPolicy.SLIDING:
+                prefix = min(len(session.history), max(limit // 2 - n, 0))
+        reset = session.resync or truncated
+        if prefix:
+            old = session.history.recent(prefix)
+            steps = {k: np.concatenate([old[k], v]) for k, v in steps.items()}
+        total = prefix + n
+        if total > limit:  # a prefill longer than the context keeps its most recent steps
+            steps = {k: v[total - limit :] for k, v in steps.items()}
+            total, reset, truncated = limit, True, True
+        item = WorkItem(session.slot, steps, total, reset, 0.0, 0, 0.0, False)
+        return item, truncated

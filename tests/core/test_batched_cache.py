@@ -1,0 +1,137 @@
+"""The multi-sequence KV pool: ragged batched forwards equal each sequence run alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tensordict import TensorDict
+
+from mouse_core import CacheFullError, Model, vec_dqn_scores
+from tests.helpers import config_with, random_steps
+
+QWEN3 = config_with(
+    hidden_dim=48,
+    backbone_kwargs={"num_layers": 2, "num_heads": 4, "num_key_value_heads": 1, "head_dim": 16},
+    embedding_kwargs={"concat_modalities": True, "num_compute_tokens": 2, "token_data_len": 1},
+    dqn_head_kwargs={"num_layers": 0},
+    vec_dqn_head_kwargs={"num_layers": 2, "hidden_dim": 16, "vec_dim": 4},
+)
+CONFIGS = {"llama": config_with(), "qwen3_concat_vec": QWEN3}
+
+
+@pytest.fixture(params=list(CONFIGS), ids=list(CONFIGS))
+def model(request: pytest.FixtureRequest) -> Model:
+    torch.manual_seed(0)
+    return Model(CONFIGS[request.param])
+
+
+def alone_scores(model: Model, history: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Action scores at the last step of one sequence, by a full forward without cache."""
+    n = next(iter(history.values())).shape[0]
+    stream = TensorDict({k: v.unsqueeze(0) for k, v in history.items()}, batch_size=[1, n])
+    with torch.no_grad():
+        out, _ = model(stream)
+    raw = out[model.action_head][0, -1]
+    return vec_dqn_scores(raw) if model.action_head == "vec_dqn" else raw
+
+
+class Sequences:
+    """Drives a pool and remembers each slot's full history for the alone-forward check."""
+
+    def __init__(self, model: Model, num_slots: int, max_steps: int) -> None:
+        self.model = model
+        self.pool = model.new_cache_pool(num_slots, max_steps)
+        self.history: dict[int, dict[str, torch.Tensor]] = {}
+        self.seed = 0
+
+    def join(self) -> int:
+        slot = self.pool.allocate()
+        self.history[slot] = {n: torch.empty(0) for n in self.model.step_schema.names}
+        return slot
+
+    def leave(self, slot: int) -> None:
+        self.pool.free(slot)
+        del self.history[slot]
+
+    def reset(self, slot: int) -> None:
+        self.pool.reset(slot)
+        self.history[slot] = {n: torch.empty(0) for n in self.model.step_schema.names}
+
+    def step(self, counts: dict[int, int]) -> None:
+        slots = np.array(list(counts))
+        num = np.array(list(counts.values()))
+        new = []
+        for slot, k in counts.items():
+            self.seed += 1
+            fresh = random_steps(self.model.step_schema, (k,), seed=self.seed)
+            new.append(fresh)
+            old = self.history[slot]
+            self.history[slot] = {n: torch.cat([old[n].to(fresh[n].dtype), fresh[n]]) for n in fresh}
+        packed = {n: torch.cat([f[n] for f in new]) for n in self.model.step_schema.names}
+        scores = self.model.forward_batch(packed, self.pool, slots, num)
+        for i, slot in enumerate(counts):
+            expected = alone_scores(self.model, self.history[slot])
+            torch.testing.assert_close(scores[i], expected, rtol=1e-4, atol=1e-5)
+            steps = self.history[slot]["action"].shape[0]
+            assert self.pool.lengths[slot] == steps * self.model.tokens_per_step
+
+
+def test_ragged_batches_with_join_reset_leave(model: Model) -> None:
+    seqs = Sequences(model, num_slots=6, max_steps=40)
+    a, b, c = seqs.join(), seqs.join(), seqs.join()
+    seqs.step({a: 1, b: 3, c: 8})  # ragged prefill
+    seqs.step({a: 1, b: 1, c: 1})  # decode, all equal
+    seqs.step({c: 2, a: 5})  # subset, out of slot order
+    seqs.reset(b)
+    d = seqs.join()
+    seqs.step({b: 2, d: 1, a: 1, c: 1})  # a reset and a new sequence join mid-stream
+    seqs.leave(a)
+    e = seqs.join()  # reuses the freed slot
+    assert e == a
+    seqs.step({e: 4, c: 1, d: 3})
+    seqs.step({d: 1})
+
+
+def test_sparse_batch_gathers_only_its_slots(model: Model) -> None:
+    seqs = Sequences(model, num_slots=8, max_steps=20)
+    slots = [seqs.join() for _ in range(8)]
+    seqs.step({s: 1 + s % 3 for s in slots})
+    plan = seqs.pool.plan(np.array([0, 7]), np.array([3, 3]))
+    assert not isinstance(plan.rows, slice) and plan.num_rows == 2
+    seqs.step({slots[0]: 1, slots[7]: 2})  # rows 0 and 7 only: the gather path
+    seqs.step({s: 1 for s in slots[2:6]})  # a dense range: the view path
+
+
+def test_pool_capacity_is_checked_before_writing(model: Model) -> None:
+    seqs = Sequences(model, num_slots=2, max_steps=4)
+    a, b = seqs.join(), seqs.join()
+    seqs.step({a: 3, b: 1})
+    k_before = seqs.pool.k.clone()
+    with pytest.raises(CacheFullError, match=r"slot 0 holds \d+ tokens and cannot take"):
+        model.forward_batch(
+            random_steps(model.step_schema, (3,)), seqs.pool, np.array([b, a]), np.array([1, 2])
+        )
+    assert torch.equal(seqs.pool.k, k_before)
+    assert seqs.pool.lengths[a] == 3 * model.tokens_per_step
+    with pytest.raises(CacheFullError, match="all 2 cache slots are in use"):
+        seqs.pool.allocate()
+    seqs.step({a: 1, b: 1})  # still usable
+
+
+def test_pool_bytes_equal_raw_kv_bytes(model: Model) -> None:
+    pool = model.new_cache_pool(num_slots=3, max_steps=10)
+    bb = model.config.backbone
+    assert bb is not None
+    raw = 2 * bb.num_layers * bb.num_key_value_heads * bb.head_dim * 10 * model.tokens_per_step * 4
+    assert pool.bytes_per_slot == raw
+    assert pool.nbytes == 3 * raw
+
+
+def test_no_backbone_model_tracks_slots() -> None:
+    torch.manual_seed(0)
+    model = Model(config_with(backbone_kwargs={}))
+    seqs = Sequences(model, num_slots=3, max_steps=10)
+    a, b = seqs.join(), seqs.join()
+    seqs.step({a: 2, b: 1})
+    seqs.step({b: 3})
