@@ -45,12 +45,16 @@ def generate(dest: Path) -> dict[str, str]:
         for path in sorted((Path(tmp) / "mouse" / "action" / "v1").iterdir()):
             text = path.read_text().replace("from mouse.action.v1 import", "from mouse_client.v1 import")
             files[path.name] = text
-    files["__init__.py"] = '"""Generated gRPC code of mouse.action.v1 (scripts/gen_proto.py; do not edit)."""\n'
+    files["__init__.py"] = (
+        '"""Generated gRPC code of mouse.action.v1 (scripts/gen_proto.py; do not edit)."""\n'
+    )
     return files
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--check", action="store_true", help="fail when committed files differ")
     args = parser.parse_args()
     files = generate(OUT)
@@ -61,7 +65,9 @@ def main() -> int:
             if current != text:
                 stale.append(name)
                 sys.stdout.writelines(
-                    list(difflib.unified_diff(current.splitlines(True), text.splitlines(True), name, name))[:40]
+                    list(difflib.unified_diff(current.splitlines(True), text.splitlines(True), name, name))[
+                        :40
+                    ]
                 )
         extra = sorted(p.name for p in OUT.iterdir() if p.is_file() and p.name not in files)
         if stale or extra:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
+import struct
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN_DIRS = (FIXTURES / "golden", FIXTURES / "golden_extra")
@@ -33,15 +36,33 @@ class GoldenCase:
 
     @property
     def inputs(self) -> dict[str, Any]:
+        """Input tensors (torch)."""
         from safetensors.torch import load_file
 
         return load_file(str(self.path / "inputs.safetensors"))
 
     @property
     def expected(self) -> dict[str, Any]:
+        """Expected tensors (torch)."""
         from safetensors.torch import load_file
 
         return load_file(str(self.path / "expected.safetensors"))
+
+    @cached_property
+    def input_arrays(self) -> dict[str, np.ndarray]:
+        return read_safetensors(self.path / "inputs.safetensors")
+
+    @cached_property
+    def expected_arrays(self) -> dict[str, np.ndarray]:
+        return read_safetensors(self.path / "expected.safetensors")
+
+    @property
+    def batch(self) -> int:
+        return int(self.meta["batch"])
+
+    @property
+    def steps(self) -> int:
+        return int(self.meta["steps"])
 
     @property
     def tolerance(self) -> dict[str, float]:
@@ -49,7 +70,35 @@ class GoldenCase:
 
     def step_record(self, b: int, s: int) -> dict[str, Any]:
         """Row `b`, step `s` as a plain dict of Python scalars / lists."""
-        return {k: v[b, s].tolist() for k, v in self.inputs.items()}
+        return {k: v[b, s].tolist() for k, v in self.input_arrays.items()}
+
+    def greedy(self, b: int, trimmed: bool = False) -> list[int]:
+        return self.expected_arrays["greedy_trim" if trimmed else "greedy"][b].tolist()
+
+
+_ST_DTYPES = {
+    "F32": np.float32,
+    "F64": np.float64,
+    "I64": np.int64,
+    "I32": np.int32,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """A numpy-only reader of the safetensors format (the client tests have no torch)."""
+    raw = path.read_bytes()
+    (size,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + size])
+    data = raw[8 + size :]
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        out[name] = np.frombuffer(data[start:end], dtype=_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return out
 
 
 def golden_cases() -> list[GoldenCase]:
