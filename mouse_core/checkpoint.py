@@ -142,3 +142,4 @@ def save_model(model: Model, path: str | Path) -> None:
     (out / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), sort_keys=True, indent=2))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    (out / WEIGHTS_FILE).chmod(0o644)  # safetensors creates it owner-only

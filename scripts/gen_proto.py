@@ -24,7 +24,7 @@ OUT = ROOT / "client" / "mouse_client" / "v1"
 BIN = Path(sys.executable).parent
 
 
-def generate(dest: Path) -> dict[str, str]:
+def generate() -> dict[str, str]:
     """Run protoc into a scratch folder; return {file name: rewritten text}."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [
@@ -57,7 +57,7 @@ def main() -> int:
     )
     parser.add_argument("--check", action="store_true", help="fail when committed files differ")
     args = parser.parse_args()
-    files = generate(OUT)
+    files = generate()
     if args.check:
         stale = []
         for name, text in files.items():

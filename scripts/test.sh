@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Fresh clone -> virtual environment, install, lint, tests. Extra arguments go to pytest.
+# The test command: fresh clone -> venvs, install, lint, all tests (extra arguments go to pytest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
+[ -x node_modules/.bin/buf ] || npm ci --no-fund --no-audit --loglevel=error
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/python -m pytest "$@"
+bash scripts/test_client.sh

@@ -327,6 +327,7 @@ class SessionStream:
 
     def __init__(self, session: Session) -> None:
         self.session = session
+        self.model = session.model
         self._requests: queue.SimpleQueue[Any] | None = None
         self._replies: Iterator[pb.StreamActionsResponse] | None = None
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mouse_client.client import Session
+from mouse_client.client import Session, SessionStream
 from mouse_client.steps import EpisodeRecorder
 
 
@@ -27,7 +27,7 @@ class GymAdapter:
 
     def __init__(
         self,
-        session: Session,
+        session: Session | SessionStream,
         *,
         temperature: float | None = None,
         num_actions: int | None = None,

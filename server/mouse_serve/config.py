@@ -6,7 +6,7 @@ import argparse
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ENV_PREFIX = "MOUSE_SERVE_"
@@ -57,7 +57,6 @@ class ServerConfig:
     metrics_port: int = 0  # 0: no metrics endpoint
     grace_period_s: float = 10.0
     log_level: str = "info"
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 def _env(name: str) -> str | None:

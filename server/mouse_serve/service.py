@@ -20,7 +20,7 @@ from mouse_client.v1 import action_service_pb2 as pb
 from mouse_client.v1 import action_service_pb2_grpc as pb_grpc
 from mouse_serve.codec import action_reply, decode_steps, model_info, open_reply
 from mouse_serve.errors import ServiceError, invalid, unavailable
-from mouse_serve.sessions import ContextPolicy, SessionManager, SessionSettings
+from mouse_serve.sessions import SessionManager, SessionSettings
 
 log = logging.getLogger(__name__)
 SESSION_HEADER = "mouse-session-id"
@@ -126,9 +126,7 @@ class ActionService(pb_grpc.ActionServiceServicer):
                 seed=request.seed if request.HasField("seed") else None,
                 temperature=request.temperature if request.HasField("temperature") else None,
                 num_actions=request.num_actions if request.HasField("num_actions") else None,
-                policy=ContextPolicy(request.context_policy)
-                if request.context_policy in ContextPolicy._value2member_map_
-                else request.context_policy,
+                policy=request.context_policy,
                 max_context_steps=request.max_context_steps
                 if request.HasField("max_context_steps")
                 else None,

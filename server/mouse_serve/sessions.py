@@ -119,7 +119,7 @@ class SessionSettings:
     seed: int | None = None
     temperature: float | None = None
     num_actions: int | None = None
-    policy: ContextPolicy = ContextPolicy.UNSPECIFIED
+    policy: int = ContextPolicy.UNSPECIFIED
     max_context_steps: int | None = None
     session_id: str = ""
 
@@ -172,8 +172,8 @@ class SessionManager:
             raise invalid(
                 f"max_context_steps must be in [1, {limit}] for model {runner.spec.name!r}, got {settings.max_context_steps}."
             )
-        if settings.policy not in ContextPolicy.__members__.values():
-            raise invalid(f"context_policy {int(settings.policy)} is unknown; expected 0-3.")
+        if settings.policy not in ContextPolicy._value2member_map_:
+            raise invalid(f"context_policy {settings.policy} is unknown; expected 0-3 (see ContextPolicy).")
         session_id = settings.session_id or secrets.token_urlsafe(16)
         if not SESSION_ID.match(session_id):
             raise invalid(
@@ -200,7 +200,7 @@ class SessionManager:
             seed=settings.seed if settings.seed is not None else secrets.randbits(63),
             temperature=1.0 if settings.temperature is None else float(settings.temperature),
             num_actions=settings.num_actions or model.max_num_actions,
-            policy=settings.policy or self.default_policy,
+            policy=ContextPolicy(settings.policy) or self.default_policy,
             max_context_steps=settings.max_context_steps or limit,
             history=StepHistory(settings.max_context_steps or limit),
         )

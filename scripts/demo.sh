@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The main job: set up, start mouse-serve on the bundled demo model (random weights) and run
+# environment worker processes against it. Extra arguments go to `python -m demo.run`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup.sh
+exec .venv/bin/python -m demo.run "$@"
