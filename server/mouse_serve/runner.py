@@ -86,6 +86,7 @@ class ModelRunner:
         self.prefill_chunk_steps = prefill_chunk_steps
         self.device = model.device
         self.packed = model.pack_weights()
+        self.load_seconds = 0.0
 
     @classmethod
     def load(
@@ -102,12 +103,13 @@ class ModelRunner:
         started = time.perf_counter()
         model = load_model(spec.source, device=dev, dtype=resolve_dtype(dtype, dev))
         runner = cls(spec, model, max_sessions, max_context_steps, prefill_chunk_steps)
+        runner.load_seconds = time.perf_counter() - started
         log.info(
             "loaded model %r from %s in %.1fs: %s backbone, %s on %s, %d parameters, "
             "%d sessions x %d steps (%.1f MiB KV pool)",
             spec.name,
             spec.source,
-            time.perf_counter() - started,
+            runner.load_seconds,
             runner.backbone,
             runner.dtype_name,
             dev,

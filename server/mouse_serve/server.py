@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from mouse_client.v1 import action_service_pb2 as pb
 from mouse_client.v1 import action_service_pb2_grpc as pb_grpc
 from mouse_serve.config import ServerConfig
+from mouse_serve.metrics import Metrics
 from mouse_serve.runner import ModelRunner
 from mouse_serve.scheduler import Scheduler
 from mouse_serve.service import ActionService
@@ -45,8 +46,11 @@ class Server:
     def __init__(self, config: ServerConfig, runners: dict[str, ModelRunner]) -> None:
         self.config = config
         self.runners = runners
+        self.metrics = Metrics()
         self.schedulers = {
-            name: Scheduler(runner, max_batch_tokens=config.max_batch_tokens)
+            name: Scheduler(
+                runner, max_batch_tokens=config.max_batch_tokens, on_batch=self.metrics.observe_batch
+            )
             for name, runner in runners.items()
         }
         self.sessions = SessionManager(
@@ -55,7 +59,10 @@ class Server:
             default_policy=ContextPolicy[config.context_policy.upper()],
             idle_timeout_s=config.idle_timeout_s,
             max_sessions_per_owner=config.max_sessions_per_token,
+            metrics=self.metrics,
         )
+        self.metrics.attach(self.sessions)
+        self.metrics.load_seconds.update({name: r.load_seconds for name, r in runners.items()})
         self.service = ActionService(self.sessions, max_steps_per_request=config.max_steps_per_request)
         self.health = health.aio.HealthServicer()
         self.grpc = grpc.aio.server(
@@ -71,6 +78,7 @@ class Server:
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc
         )
         self.port = 0
+        self.metrics_port = 0
         self._expiry: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
@@ -84,6 +92,9 @@ class Server:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._expiry = asyncio.create_task(self._expire_loop())
+        if self.config.metrics_port:
+            self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
         log.info("listening on %s:%d", self.config.host, self.port)
         return self.port
 
@@ -103,6 +114,7 @@ class Server:
             self._expiry.cancel()
         for scheduler in self.schedulers.values():
             await scheduler.stop()
+        self.metrics.stop()
         log.info("stopped")
 
 

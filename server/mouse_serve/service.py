@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 
@@ -24,6 +24,7 @@ from mouse_serve.sessions import SessionManager, SessionSettings
 
 log = logging.getLogger(__name__)
 SESSION_HEADER = "mouse-session-id"
+T = TypeVar("T")
 
 Owner = Callable[[grpc.aio.ServicerContext], str | None]
 
@@ -58,14 +59,39 @@ class ActionService(pb_grpc.ActionServiceServicer):
         owner_of: Owner = lambda context: None,
     ) -> None:
         self.sessions = sessions
+        self.metrics = sessions.metrics
         self.max_steps_per_request = max_steps_per_request
         self.owner_of = owner_of
         self.draining = False
 
     # -- helpers ------------------------------------------------------------------------------
-    async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception) -> Any:
-        err = _status(exc)
-        await context.abort(err.code, err.message)
+    async def _unary(
+        self, method: str, context: grpc.aio.ServicerContext, handler: Callable[[], Awaitable[T]]
+    ) -> T:
+        """Run a unary handler: count it, time it, turn errors into the call's status."""
+        started = time.perf_counter()
+        try:
+            reply = await handler()
+        except Exception as exc:
+            err = _status(exc)
+            self.metrics.observe_request(method, err.code.name, time.perf_counter() - started)
+            await context.abort(err.code, err.message)
+        self.metrics.observe_request(method, "OK", time.perf_counter() - started)
+        return reply
+
+    async def _item(
+        self, method: str, req: pb.GetActionRequest, owner: str | None, deadline: float | None
+    ) -> tuple[pb.GetActionResponse | None, pb.RequestError | None]:
+        """One GetAction inside a stream or batch: (response, None) or (None, error)."""
+        started = time.perf_counter()
+        try:
+            reply = await self._get_action(req, owner, deadline)
+        except Exception as exc:
+            err = _status(exc)
+            self.metrics.observe_request(method, err.code.name, time.perf_counter() - started)
+            return None, pb.RequestError(code=err.code.value[0], message=err.message)
+        self.metrics.observe_request(method, "OK", time.perf_counter() - started)
+        return reply, None
 
     def _check_header(self, context: grpc.aio.ServicerContext, session_id: str) -> None:
         header = _header(context, SESSION_HEADER)
@@ -98,20 +124,23 @@ class ActionService(pb_grpc.ActionServiceServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[model_info(r) for r in self.sessions.runners.values()])
+        async def handle() -> pb.ListModelsResponse:
+            return pb.ListModelsResponse(models=[model_info(r) for r in self.sessions.runners.values()])
+
+        return await self._unary("ListModels", context, handle)
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
-        try:
+        async def handle() -> pb.GetModelInfoResponse:
             return pb.GetModelInfoResponse(model=model_info(self.sessions.runner(request.model)))
-        except Exception as exc:
-            return await self._abort(context, exc)
+
+        return await self._unary("GetModelInfo", context, handle)
 
     async def OpenSession(
         self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.OpenSessionResponse:
-        try:
+        async def handle() -> pb.OpenSessionResponse:
             if self.draining:
                 raise unavailable(
                     "the server is shutting down and opens no new sessions; retry on another replica."
@@ -134,17 +163,17 @@ class ActionService(pb_grpc.ActionServiceServicer):
             )
             session = self.sessions.open(settings, self.owner_of(context))
             return open_reply(session, self.sessions.runners[session.model])
-        except Exception as exc:
-            return await self._abort(context, exc)
+
+        return await self._unary("OpenSession", context, handle)
 
     async def GetAction(
         self, request: pb.GetActionRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetActionResponse:
-        try:
+        async def handle() -> pb.GetActionResponse:
             self._check_header(context, request.session_id)
             return await self._get_action(request, self.owner_of(context), _deadline(context))
-        except Exception as exc:
-            return await self._abort(context, exc)
+
+        return await self._unary("GetAction", context, handle)
 
     async def StreamActions(
         self, request_iterator: AsyncIterator[pb.StreamActionsRequest], context: grpc.aio.ServicerContext
@@ -152,15 +181,13 @@ class ActionService(pb_grpc.ActionServiceServicer):
         owner = self.owner_of(context)
         replies: asyncio.Queue[pb.StreamActionsResponse | None] = asyncio.Queue()
 
-        async def answer(msg: pb.StreamActionsRequest) -> None:
-            req = msg.request
-            try:
-                reply = pb.StreamActionsResponse(response=await self._get_action(req, owner, None))
-            except Exception as exc:
-                err = _status(exc)
-                reply = pb.StreamActionsResponse(
-                    error=pb.RequestError(code=err.code.value[0], message=err.message)
-                )
+        async def answer(req: pb.GetActionRequest) -> None:
+            response, error = await self._item("StreamActions", req, owner, None)
+            reply = (
+                pb.StreamActionsResponse(response=response)
+                if response
+                else pb.StreamActionsResponse(error=error)
+            )
             reply.session_id, reply.seq = req.session_id, req.seq
             replies.put_nowait(reply)
 
@@ -168,7 +195,7 @@ class ActionService(pb_grpc.ActionServiceServicer):
             pending: set[asyncio.Task[None]] = set()
             try:
                 async for msg in request_iterator:
-                    task = asyncio.create_task(answer(msg))
+                    task = asyncio.create_task(answer(msg.request))
                     pending.add(task)
                     task.add_done_callback(pending.discard)
                 if pending:
@@ -187,36 +214,38 @@ class ActionService(pb_grpc.ActionServiceServicer):
     async def BatchGetAction(
         self, request: pb.BatchGetActionRequest, context: grpc.aio.ServicerContext
     ) -> pb.BatchGetActionResponse:
-        owner, deadline = self.owner_of(context), _deadline(context)
+        async def handle() -> pb.BatchGetActionResponse:
+            owner, deadline = self.owner_of(context), _deadline(context)
+            items = await asyncio.gather(
+                *(self._item("BatchGetAction", r, owner, deadline) for r in request.requests)
+            )
+            return pb.BatchGetActionResponse(
+                results=[
+                    pb.BatchGetActionResult(response=response)
+                    if response
+                    else pb.BatchGetActionResult(error=error)
+                    for response, error in items
+                ]
+            )
 
-        async def one(req: pb.GetActionRequest) -> pb.BatchGetActionResult:
-            try:
-                return pb.BatchGetActionResult(response=await self._get_action(req, owner, deadline))
-            except Exception as exc:
-                err = _status(exc)
-                return pb.BatchGetActionResult(
-                    error=pb.RequestError(code=err.code.value[0], message=err.message)
-                )
-
-        results = await asyncio.gather(*(one(r) for r in request.requests))
-        return pb.BatchGetActionResponse(results=results)
+        return await self._unary("BatchGetActionCall", context, handle)
 
     async def ResetSession(
         self, request: pb.ResetSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.ResetSessionResponse:
-        try:
+        async def handle() -> pb.ResetSessionResponse:
             self._check_header(context, request.session_id)
             await self.sessions.reset(self.sessions.get(request.session_id, self.owner_of(context)))
             return pb.ResetSessionResponse()
-        except Exception as exc:
-            return await self._abort(context, exc)
+
+        return await self._unary("ResetSession", context, handle)
 
     async def CloseSession(
         self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.CloseSessionResponse:
-        try:
+        async def handle() -> pb.CloseSessionResponse:
             self._check_header(context, request.session_id)
             await self.sessions.close(self.sessions.get(request.session_id, self.owner_of(context)))
             return pb.CloseSessionResponse()
-        except Exception as exc:
-            return await self._abort(context, exc)
+
+        return await self._unary("CloseSession", context, handle)

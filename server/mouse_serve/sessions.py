@@ -12,7 +12,6 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -28,6 +27,7 @@ from mouse_serve.errors import (
     not_found,
     permission_denied,
 )
+from mouse_serve.metrics import Metrics
 from mouse_serve.runner import ModelRunner, WorkItem, WorkResult
 from mouse_serve.scheduler import Scheduler
 
@@ -135,7 +135,7 @@ class SessionManager:
         default_policy: ContextPolicy,
         idle_timeout_s: float,
         max_sessions_per_owner: int = 0,
-        on_event: Callable[[str, str], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.runners = runners
         self.schedulers = schedulers
@@ -143,7 +143,7 @@ class SessionManager:
         self.idle_timeout_s = idle_timeout_s
         self.max_sessions_per_owner = max_sessions_per_owner
         self._sessions: dict[str, Session] = {}
-        self._on_event = on_event or (lambda event, model: None)
+        self.metrics = metrics or Metrics()
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -205,7 +205,7 @@ class SessionManager:
             history=StepHistory(settings.max_context_steps or limit),
         )
         self._sessions[session_id] = session
-        self._on_event("opened", session.model)
+        self.metrics.session_event("opened", session.model)
         return session
 
     def get(self, session_id: str, owner: str | None) -> Session:
@@ -224,7 +224,7 @@ class SessionManager:
         session.closed = True
         self._sessions.pop(session.id, None)
         self.runners[session.model].pool.free(session.slot)
-        self._on_event(event, session.model)
+        self.metrics.session_event(event, session.model)
 
     async def close(self, session: Session) -> None:
         async with session.lock:
@@ -359,6 +359,8 @@ class SessionManager:
                 )
             if session.policy == ContextPolicy.SLIDING:
                 prefix = min(len(session.history), max(limit // 2 - n, 0))
+        if truncated:
+            self.metrics.context_eviction(session.model, session.policy.name.lower())
         reset = session.resync or truncated
         if prefix:
             old = session.history.recent(prefix)

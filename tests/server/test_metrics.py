@@ -1,0 +1,97 @@
+"""The Prometheus endpoint, scraped during real traffic."""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from mouse_client import ActionClient, ActionError
+from tests.helpers import golden_cases
+from tests.server_process import ServerProcess
+
+CASE = next(c for c in golden_cases() if c.name == "llama_gqa_long")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerProcess]:
+    port = free_port()
+    with ServerProcess(
+        "--model", str(CASE.checkpoint), "--max-sessions", "8", "--metrics-port", str(port)
+    ) as proc:
+        proc.metrics_url = f"http://127.0.0.1:{port}/metrics"  # type: ignore[attr-defined]
+        yield proc
+
+
+def scrape(server: ServerProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()  # type: ignore[attr-defined]
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_move_with_traffic(server: ServerProcess) -> None:
+    before = scrape(server)
+    assert value(before, "mouse_active_sessions", model="default") == 0
+    total = value(before, "mouse_kv_pool_bytes", model="default", state="total")
+    assert total > 0 and value(before, "mouse_kv_pool_bytes", model="default", state="used") == 0
+    assert (
+        value(
+            before,
+            "mouse_model_info",
+            model="default",
+            source=str(CASE.checkpoint),
+            backbone="llama",
+            dtype="float32",
+            device="cpu",
+            action_head="dqn",
+        )
+        == 1
+    )
+    assert value(before, "mouse_model_parameters", model="default") > 0
+
+    with ActionClient(server.target) as client:
+        group = client.open_sessions(3, temperature=0.0)
+        for s in range(5):
+            group.get_actions([CASE.step_record(0, s)] * 3)
+        during = scrape(server)
+        assert value(during, "mouse_active_sessions", model="default") == 3
+        assert value(during, "mouse_kv_pool_bytes", model="default", state="used") == pytest.approx(
+            total * 3 / 8
+        )
+        assert value(during, "mouse_session_events_total", model="default", event="opened") == 3
+        assert value(during, "mouse_actions_total", model="default") == 15
+        assert value(during, "mouse_requests_total", method="BatchGetAction", code="OK") == 15
+        assert value(during, "mouse_requests_total", method="BatchGetActionCall", code="OK") == 5
+        assert value(during, "mouse_queue_wait_seconds_count", model="default") == 15
+        assert (
+            value(during, "mouse_batch_size_count", model="default") == 5
+        )  # the 3 sessions shared each forward
+        assert value(during, "mouse_batch_size_sum", model="default") == 15
+        assert value(during, "mouse_model_seconds_count", model="default") == 5
+        assert value(during, "mouse_model_seconds_sum", model="default") > 0
+        assert value(during, "mouse_request_seconds_count", method="OpenSession") == 3
+
+        with pytest.raises(ActionError):
+            group[0].get_action({**CASE.step_record(0, 5), "done": 7})
+        group[0].close()
+        after = scrape(server)
+        assert value(after, "mouse_requests_total", method="GetAction", code="INVALID_ARGUMENT") == 1
+        assert value(after, "mouse_active_sessions", model="default") == 2
+        assert value(after, "mouse_session_events_total", model="default", event="closed") == 1
+        group.close()
