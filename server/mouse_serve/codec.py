@@ -11,7 +11,7 @@ import numpy as np
 from mouse_client.v1 import action_service_pb2 as pb
 from mouse_core import StepSchema, StepValidationError
 from mouse_core.steps import check_values
-from mouse_serve.errors import invalid
+from mouse_serve.errors import exhausted, invalid
 from mouse_serve.runner import ModelRunner
 from mouse_serve.sessions import ActionResult, Session
 
@@ -49,7 +49,9 @@ def decode_steps(
     if n == 0:
         raise invalid(f"steps is empty: model {model!r} needs at least one step with {list(schema.names)}.")
     if n > max_steps:
-        raise invalid(f"steps carries {n} steps; at most {max_steps} are accepted per request.")
+        raise exhausted(
+            f"steps carries {n} steps; at most {max_steps} are accepted per request (--max-steps-per-request)."
+        )
     out: dict[str, np.ndarray] = {}
     for spec in schema.fields:
         col = columns[spec.name]

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from mouse_client.v1 import action_service_pb2 as pb
 from mouse_client.v1 import action_service_pb2_grpc as pb_grpc
+from mouse_serve.auth import TokenAuth
 from mouse_serve.config import ServerConfig
 from mouse_serve.metrics import Metrics
 from mouse_serve.runner import ModelRunner
@@ -63,7 +64,12 @@ class Server:
         )
         self.metrics.attach(self.sessions)
         self.metrics.load_seconds.update({name: r.load_seconds for name, r in runners.items()})
-        self.service = ActionService(self.sessions, max_steps_per_request=config.max_steps_per_request)
+        self.auth = TokenAuth(config.token_file) if config.token_file else None
+        self.service = ActionService(
+            self.sessions,
+            max_steps_per_request=config.max_steps_per_request,
+            owner_of=self.auth.owner if self.auth else (lambda context: None),
+        )
         self.health = health.aio.HealthServicer()
         self.grpc = grpc.aio.server(
             options=[
@@ -83,7 +89,16 @@ class Server:
 
     async def start(self) -> int:
         address = f"{self.config.host}:{self.config.port}"
-        self.port = self.grpc.add_insecure_port(address)
+        if self.config.tls_cert and self.config.tls_key:
+            client_ca = self.config.tls_client_ca.read_bytes() if self.config.tls_client_ca else None
+            credentials = grpc.ssl_server_credentials(
+                [(self.config.tls_key.read_bytes(), self.config.tls_cert.read_bytes())],
+                root_certificates=client_ca,
+                require_client_auth=client_ca is not None,
+            )
+            self.port = self.grpc.add_secure_port(address, credentials)
+        else:
+            self.port = self.grpc.add_insecure_port(address)
         if self.port == 0:
             raise RuntimeError(f"could not bind {address}")
         for scheduler in self.schedulers.values():
@@ -95,13 +110,22 @@ class Server:
         if self.config.metrics_port:
             self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
             log.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
-        log.info("listening on %s:%d", self.config.host, self.port)
+        tls = (
+            " (TLS, client certificates required)"
+            if self.config.tls_client_ca
+            else " (TLS)"
+            if self.config.tls_cert
+            else ""
+        )
+        log.info("listening on %s:%d%s", self.config.host, self.port, tls)
         return self.port
 
     async def _expire_loop(self) -> None:
         while True:
             await asyncio.sleep(EXPIRY_INTERVAL_S)
             self.sessions.expire_idle()
+            if self.auth is not None:
+                self.auth.reload_if_changed()
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop serving: health NOT_SERVING, no new sessions, in-flight calls get `grace_s`."""

@@ -66,12 +66,12 @@ class ActionService(pb_grpc.ActionServiceServicer):
 
     # -- helpers ------------------------------------------------------------------------------
     async def _unary(
-        self, method: str, context: grpc.aio.ServicerContext, handler: Callable[[], Awaitable[T]]
+        self, method: str, context: grpc.aio.ServicerContext, handler: Callable[[str | None], Awaitable[T]]
     ) -> T:
-        """Run a unary handler: count it, time it, turn errors into the call's status."""
+        """Authenticate, run `handler(owner)`, count and time it, turn errors into the status."""
         started = time.perf_counter()
         try:
-            reply = await handler()
+            reply = await handler(self.owner_of(context))
         except Exception as exc:
             err = _status(exc)
             self.metrics.observe_request(method, err.code.name, time.perf_counter() - started)
@@ -124,7 +124,7 @@ class ActionService(pb_grpc.ActionServiceServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        async def handle() -> pb.ListModelsResponse:
+        async def handle(owner: str | None) -> pb.ListModelsResponse:
             return pb.ListModelsResponse(models=[model_info(r) for r in self.sessions.runners.values()])
 
         return await self._unary("ListModels", context, handle)
@@ -132,7 +132,7 @@ class ActionService(pb_grpc.ActionServiceServicer):
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
-        async def handle() -> pb.GetModelInfoResponse:
+        async def handle(owner: str | None) -> pb.GetModelInfoResponse:
             return pb.GetModelInfoResponse(model=model_info(self.sessions.runner(request.model)))
 
         return await self._unary("GetModelInfo", context, handle)
@@ -140,7 +140,7 @@ class ActionService(pb_grpc.ActionServiceServicer):
     async def OpenSession(
         self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.OpenSessionResponse:
-        async def handle() -> pb.OpenSessionResponse:
+        async def handle(owner: str | None) -> pb.OpenSessionResponse:
             if self.draining:
                 raise unavailable(
                     "the server is shutting down and opens no new sessions; retry on another replica."
@@ -161,7 +161,7 @@ class ActionService(pb_grpc.ActionServiceServicer):
                 else None,
                 session_id=request.session_id or header or "",
             )
-            session = self.sessions.open(settings, self.owner_of(context))
+            session = self.sessions.open(settings, owner)
             return open_reply(session, self.sessions.runners[session.model])
 
         return await self._unary("OpenSession", context, handle)
@@ -169,16 +169,20 @@ class ActionService(pb_grpc.ActionServiceServicer):
     async def GetAction(
         self, request: pb.GetActionRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetActionResponse:
-        async def handle() -> pb.GetActionResponse:
+        async def handle(owner: str | None) -> pb.GetActionResponse:
             self._check_header(context, request.session_id)
-            return await self._get_action(request, self.owner_of(context), _deadline(context))
+            return await self._get_action(request, owner, _deadline(context))
 
         return await self._unary("GetAction", context, handle)
 
     async def StreamActions(
         self, request_iterator: AsyncIterator[pb.StreamActionsRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamActionsResponse]:
-        owner = self.owner_of(context)
+        try:
+            owner = self.owner_of(context)
+        except ServiceError as err:
+            self.metrics.observe_request("StreamActions", err.code.name, 0.0)
+            await context.abort(err.code, err.message)
         replies: asyncio.Queue[pb.StreamActionsResponse | None] = asyncio.Queue()
 
         async def answer(req: pb.GetActionRequest) -> None:
@@ -214,8 +218,8 @@ class ActionService(pb_grpc.ActionServiceServicer):
     async def BatchGetAction(
         self, request: pb.BatchGetActionRequest, context: grpc.aio.ServicerContext
     ) -> pb.BatchGetActionResponse:
-        async def handle() -> pb.BatchGetActionResponse:
-            owner, deadline = self.owner_of(context), _deadline(context)
+        async def handle(owner: str | None) -> pb.BatchGetActionResponse:
+            deadline = _deadline(context)
             items = await asyncio.gather(
                 *(self._item("BatchGetAction", r, owner, deadline) for r in request.requests)
             )
@@ -233,9 +237,9 @@ class ActionService(pb_grpc.ActionServiceServicer):
     async def ResetSession(
         self, request: pb.ResetSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.ResetSessionResponse:
-        async def handle() -> pb.ResetSessionResponse:
+        async def handle(owner: str | None) -> pb.ResetSessionResponse:
             self._check_header(context, request.session_id)
-            await self.sessions.reset(self.sessions.get(request.session_id, self.owner_of(context)))
+            await self.sessions.reset(self.sessions.get(request.session_id, owner))
             return pb.ResetSessionResponse()
 
         return await self._unary("ResetSession", context, handle)
@@ -243,9 +247,9 @@ class ActionService(pb_grpc.ActionServiceServicer):
     async def CloseSession(
         self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.CloseSessionResponse:
-        async def handle() -> pb.CloseSessionResponse:
+        async def handle(owner: str | None) -> pb.CloseSessionResponse:
             self._check_header(context, request.session_id)
-            await self.sessions.close(self.sessions.get(request.session_id, self.owner_of(context)))
+            await self.sessions.close(self.sessions.get(request.session_id, owner))
             return pb.CloseSessionResponse()
 
         return await self._unary("CloseSession", context, handle)

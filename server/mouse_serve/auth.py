@@ -1,0 +1,74 @@
+"""Bearer-token authentication: tokens from a file (one per line), reloaded when it changes.
+
+A session belongs to the token that opened it. Tokens are never kept in session state or logs:
+the owner is a short digest of the token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import grpc
+
+from mouse_serve.errors import ServiceError
+
+log = logging.getLogger(__name__)
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class TokenAuth:
+    """The tokens of `--token-file`; `owner(metadata)` maps a request to its owner or refuses it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._owners: dict[str, str] = {}
+        self._stamp: tuple[int, int, int] | None = None
+        self.reload()
+
+    def _read(self) -> dict[str, str]:
+        lines = self.path.read_text().splitlines()
+        tokens = [t.strip() for t in lines if t.strip() and not t.strip().startswith("#")]
+        return {_digest(t): _digest(t)[:16] for t in tokens}
+
+    def reload(self) -> None:
+        """(Re)read the file; raises OSError when it cannot be read."""
+        stat = os.stat(self.path)
+        self._owners = self._read()
+        self._stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        if not self._owners:
+            log.warning("%s holds no tokens: every ActionService call will be refused", self.path)
+        log.info("loaded %d token(s) from %s", len(self._owners), self.path)
+
+    def reload_if_changed(self) -> None:
+        try:
+            stat = os.stat(self.path)
+            if (stat.st_mtime_ns, stat.st_size, stat.st_ino) != self._stamp:
+                self.reload()
+        except OSError as exc:
+            log.warning("cannot re-read token file %s (%s); keeping the current tokens", self.path, exc)
+
+    def owner(self, context: grpc.aio.ServicerContext) -> str:
+        """The owner id of the request's bearer token; UNAUTHENTICATED without a valid one."""
+        header = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                header = value if isinstance(value, str) else value.decode()
+        if header is None:
+            raise ServiceError(
+                grpc.StatusCode.UNAUTHENTICATED, "missing 'authorization: Bearer <token>' metadata."
+            )
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ServiceError(
+                grpc.StatusCode.UNAUTHENTICATED, "the authorization metadata must be 'Bearer <token>'."
+            )
+        owner = self._owners.get(_digest(token.strip()))
+        if owner is None:
+            raise ServiceError(grpc.StatusCode.UNAUTHENTICATED, "the bearer token is not valid.")
+        return owner
