@@ -1,0 +1,198 @@
+"""Faults: graceful shutdown, deadlines, kill -9 and restart, a client killed mid-stream, limits."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mouse_client import ActionClient, ActionError, RetryPolicy, encode_steps
+from mouse_client.v1 import action_service_pb2 as pb
+from mouse_core import Model, save_model
+from tests.helpers import config_with, golden_cases
+from tests.server_process import REPO, ServerProcess
+
+CASE = next(c for c in golden_cases() if c.name == "llama_gqa_long")
+NO_RETRY = RetryPolicy(max_attempts=1)
+LONG = 1300  # steps of a prefill that keeps the runner busy for about a second
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def slow_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model big enough that a long prefill keeps the runner busy for a while."""
+    torch.manual_seed(0)
+    cfg = config_with(
+        hidden_dim=256,
+        backbone_kwargs={"num_layers": 4, "num_heads": 8, "num_key_value_heads": 4},
+        embedding_kwargs={"max_num_time_steps": 64},
+    )
+    path = tmp_path_factory.mktemp("slow") / "ckpt"
+    save_model(Model(cfg), path)
+    return path
+
+
+def slow_steps(n: int) -> list[dict[str, object]]:
+    return [
+        {"action": 1, "reward": 0.0, "done": 0, "time": t % 64, "obs_continuous": [0.1, 0.2, 0.3]}
+        for t in range(n)
+    ]
+
+
+def test_graceful_shutdown(slow_checkpoint: Path) -> None:
+    """SIGTERM: health NOT_SERVING, no new sessions, the in-flight request completes, exit 0."""
+    server = ServerProcess("--model", str(slow_checkpoint), "--grace-period", "30").start()
+    outcome: dict[str, object] = {}
+    with ActionClient(server.target, retry=NO_RETRY) as client:
+        session = client.open_session()
+
+        def long_prefill() -> None:
+            try:
+                outcome["reply"] = session.get_reply(slow_steps(LONG))
+            except ActionError as err:  # pragma: no cover - reported by the assert below
+                outcome["error"] = err
+
+        worker = threading.Thread(target=long_prefill)
+        worker.start()
+        time.sleep(0.3)  # the prefill is running
+        started = time.monotonic()
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)
+        server.wait_for("shutting down")
+        with pytest.raises(ActionError) as info:
+            client.open_session()
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE
+        worker.join(timeout=60)
+        assert "error" not in outcome, outcome
+        assert outcome["reply"].context_steps == LONG  # type: ignore[attr-defined]
+    assert server.proc.wait(timeout=60) == 0
+    assert time.monotonic() - started < 30
+    assert "stopped" in server.log
+
+
+def test_health_reports_not_serving_while_draining(slow_checkpoint: Path) -> None:
+    server = ServerProcess("--model", str(slow_checkpoint), "--grace-period", "30").start()
+    with (
+        ActionClient(server.target, retry=NO_RETRY) as client,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+        watch = health.Watch(health_pb2.HealthCheckRequest(service="mouse.action.v1.ActionService"))
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        session = client.open_session()
+        worker = threading.Thread(target=lambda: session.get_action(slow_steps(LONG)))
+        worker.start()
+        time.sleep(0.3)
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        worker.join(timeout=60)
+    assert server.proc.wait(timeout=60) == 0
+
+
+def test_expired_deadline_is_not_applied(slow_checkpoint: Path) -> None:
+    """A step whose deadline passes while it waits for the busy model is never applied."""
+    server = ServerProcess("--model", str(slow_checkpoint))
+    with server, ActionClient(server.target, retry=NO_RETRY) as client:
+        busy = client.open_session()
+        worker = threading.Thread(target=lambda: busy.get_action(slow_steps(LONG)))
+        worker.start()
+        time.sleep(0.3)
+        session = client.open_session(recover=False)
+        req = pb.GetActionRequest(session_id=session.id, seq=1, steps=encode_steps(slow_steps(1)))
+        with pytest.raises(grpc.RpcError) as info:
+            client.stub(session.id).GetAction(req, timeout=0.05)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert worker.is_alive()  # the model really was busy with the long prefill
+        worker.join(timeout=60)
+        reply = session.get_reply(slow_steps(1))  # seq 1 again: it was never applied
+        assert reply.seq == 1 and reply.context_steps == 1
+
+
+def test_kill_9_and_restart_loses_and_repeats_nothing() -> None:
+    """A worker keeps stepping through a server crash: every action equals the golden one."""
+    port = free_port()
+    args = ["--model", str(CASE.checkpoint)]
+    server = ServerProcess(*args, port=port).start()
+    retry = RetryPolicy(max_attempts=1000, initial_backoff_s=0.05, max_backoff_s=0.2, timeout_s=60)
+    with ActionClient(server.target, retry=retry) as client:
+        sessions = [client.open_session(temperature=0.0) for _ in range(CASE.batch)]
+        got: list[list[int]] = [[] for _ in sessions]
+        half = CASE.steps // 2
+        for s in range(half):
+            for b, session in enumerate(sessions):
+                got[b].append(session.get_action(CASE.step_record(b, s)))
+        server.kill()  # no shutdown at all
+
+        def restart_later() -> None:
+            time.sleep(1.0)
+            restarted.append(ServerProcess(*args, port=port).start())
+
+        restarted: list[ServerProcess] = []
+        thread = threading.Thread(target=restart_later)
+        thread.start()
+        try:
+            for s in range(half, CASE.steps):  # the first call waits out the outage (UNAVAILABLE, retried)
+                for b, session in enumerate(sessions):
+                    got[b].append(session.get_action(CASE.step_record(b, s)))
+        finally:
+            thread.join()
+            for proc in restarted:
+                proc.stop()
+    for b, session in enumerate(sessions):
+        assert got[b] == CASE.greedy(b)
+        assert session.recoveries == 1
+
+
+def test_client_killed_mid_stream_leaves_the_server_healthy() -> None:
+    with ServerProcess("--model", str(CASE.checkpoint)) as server:
+        script = (
+            "import sys, time\n"
+            "from mouse_client import ActionClient\n"
+            f"c = ActionClient({server.target!r})\n"
+            "s = c.open_session()\n"
+            "st = s.stream()\n"
+            "step = {'action': 1, 'reward': 0.0, 'done': 0, 'time': 1}\n"
+            "while True:\n"
+            "    st.get_action(step)\n"
+            "    print('step', flush=True)\n"
+        )
+        proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        for _ in range(20):
+            assert proc.stdout.readline().startswith("step")
+        proc.kill()
+        proc.wait()
+        with ActionClient(server.target) as client, client.open_session(temperature=0.0) as canary:
+            assert [canary.get_action(CASE.step_record(0, s)) for s in range(CASE.steps)] == CASE.greedy(0)
+        time.sleep(0.5)
+        assert "Traceback" not in server.log and " ERROR " not in server.log
+
+
+def test_message_and_step_limits() -> None:
+    args = ["--model", str(CASE.checkpoint), "--max-message-bytes", "4096", "--max-steps-per-request", "50"]
+    with ServerProcess(*args) as server, ActionClient(server.target, retry=NO_RETRY) as client:
+        session = client.open_session(recover=False, temperature=0.0)
+        with pytest.raises(ActionError) as info:
+            session.get_action([CASE.step_record(0, 0)] * 60)
+        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "carries 60 steps; at most 50" in info.value.message
+        with pytest.raises(ActionError) as info:
+            session.get_action([CASE.step_record(0, 0)] * 1000)  # about 8 KB on the wire
+        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert session.get_action(CASE.step_record(0, 0)) == CASE.greedy(0)[0]  # still usable
