@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,20 +40,16 @@ class RetryPolicy:
     timeout_s: float = 60.0
     codes: tuple[grpc.StatusCode, ...] = (grpc.StatusCode.UNAVAILABLE,)
 
-    def delays(self) -> list[float]:
-        """The sleeps between attempts."""
-        out, delay, total = [], self.initial_backoff_s, 0.0
+    def backoff(self) -> Iterator[float]:
+        """The sleeps between attempts, drawn lazily (only when a call failed)."""
+        delay, total = self.initial_backoff_s, 0.0
         for _ in range(self.max_attempts - 1):
-            d = delay * random.uniform(0.5, 1.0)
-            if total + d > self.timeout_s:
-                break
-            out.append(d)
-            total += d
+            pause = delay * random.uniform(0.5, 1.0)
+            if total + pause > self.timeout_s:
+                return
+            yield pause
+            total += pause
             delay = min(delay * self.multiplier, self.max_backoff_s)
-        return out
-
-
-NO_RETRY = RetryPolicy(max_attempts=1)
 
 
 @dataclass(frozen=True)

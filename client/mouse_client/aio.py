@@ -73,18 +73,18 @@ class AsyncActionClient:
 
     async def call(self, fn: Callable[[], Awaitable[T]], retry: RetryPolicy | None = None) -> T:
         policy = retry or self.retry
-        delays = policy.delays()
-        for attempt in range(len(delays) + 1):
+        pauses = policy.backoff()
+        while True:
             try:
                 return await fn()
             except grpc.RpcError as err:
                 error = ActionError.from_rpc(err)
             except ActionError as err:
                 error = err
-            if error.code not in policy.codes or attempt == len(delays):
+            pause = next(pauses, None) if error.code in policy.codes else None
+            if pause is None:
                 raise error
-            await asyncio.sleep(delays[attempt])
-        raise AssertionError("unreachable")
+            await asyncio.sleep(pause)
 
     async def close(self) -> None:
         for channel in self._channels.values():

@@ -80,18 +80,18 @@ class ActionClient:
     def call(self, fn: Callable[[], T], retry: RetryPolicy | None = None) -> T:
         """Run `fn`, retrying transient failures; raises `ActionError`."""
         policy = retry or self.retry
-        delays = policy.delays()
-        for attempt in range(len(delays) + 1):
+        pauses = policy.backoff()
+        while True:
             try:
                 return fn()
             except grpc.RpcError as err:
                 error = ActionError.from_rpc(err)
             except ActionError as err:
                 error = err
-            if error.code not in policy.codes or attempt == len(delays):
+            pause = next(pauses, None) if error.code in policy.codes else None
+            if pause is None:
                 raise error
-            time.sleep(delays[attempt])
-        raise AssertionError("unreachable")
+            time.sleep(pause)
 
     def close(self) -> None:
         for channel in self._channels.values():

@@ -13,13 +13,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from mouse_client.v1 import action_service_pb2 as pb
-from mouse_client.v1 import action_service_pb2_grpc as pb_grpc
 from mouse_serve.auth import TokenAuth
 from mouse_serve.config import ServerConfig
 from mouse_serve.metrics import Metrics
 from mouse_serve.runner import ModelRunner
 from mouse_serve.scheduler import Scheduler
-from mouse_serve.service import ActionService
+from mouse_serve.service import ActionService, add_to_server
 from mouse_serve.sessions import ContextPolicy, SessionManager
 
 log = logging.getLogger("mouse_serve")
@@ -78,7 +77,7 @@ class Server:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        pb_grpc.add_ActionServiceServicer_to_server(self.service, self.grpc)
+        add_to_server(self.service, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from mouse_client.v1 import action_service_pb2 as pb
 from mouse_client.v1 import action_service_pb2_grpc as pb_grpc
@@ -50,6 +51,44 @@ def _header(context: grpc.aio.ServicerContext, name: str) -> str | None:
     return None
 
 
+class Malformed:
+    """A request whose bytes did not parse; it is answered with INVALID_ARGUMENT."""
+
+    def __init__(self, type_name: str, error: Exception) -> None:
+        self.message = f"the request is not a valid {type_name} message ({error})."
+
+
+def _parser(message: type[Message]) -> Callable[[bytes], Message | Malformed]:
+    def parse(data: bytes) -> Message | Malformed:
+        try:
+            return message.FromString(data)
+        except DecodeError as exc:
+            return Malformed(message.DESCRIPTOR.full_name, exc)
+
+    return parse
+
+
+def add_to_server(service: ActionService, server: grpc.aio.Server) -> None:
+    """Register `service` like the generated helper, but parse requests with `_parser` so corrupt
+    bytes get INVALID_ARGUMENT instead of an unhandled decoding error."""
+    descriptor = pb.DESCRIPTOR.services_by_name["ActionService"]
+    handlers = {}
+    for method in descriptor.methods:
+        request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        factory = (
+            grpc.stream_stream_rpc_method_handler
+            if method.client_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = factory(
+            getattr(service, method.name),
+            request_deserializer=_parser(request),
+            response_serializer=response.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
+    server.add_registered_method_handlers(descriptor.full_name, handlers)
+
+
 class ActionService(pb_grpc.ActionServiceServicer):
     def __init__(
         self,
@@ -66,12 +105,19 @@ class ActionService(pb_grpc.ActionServiceServicer):
 
     # -- helpers ------------------------------------------------------------------------------
     async def _unary(
-        self, method: str, context: grpc.aio.ServicerContext, handler: Callable[[str | None], Awaitable[T]]
+        self,
+        method: str,
+        request: object,
+        context: grpc.aio.ServicerContext,
+        handler: Callable[[str | None], Awaitable[T]],
     ) -> T:
         """Authenticate, run `handler(owner)`, count and time it, turn errors into the status."""
         started = time.perf_counter()
         try:
-            reply = await handler(self.owner_of(context))
+            owner = self.owner_of(context)
+            if isinstance(request, Malformed):
+                raise invalid(request.message)
+            reply = await handler(owner)
         except Exception as exc:
             err = _status(exc)
             self.metrics.observe_request(method, err.code.name, time.perf_counter() - started)
@@ -127,7 +173,7 @@ class ActionService(pb_grpc.ActionServiceServicer):
         async def handle(owner: str | None) -> pb.ListModelsResponse:
             return pb.ListModelsResponse(models=[model_info(r) for r in self.sessions.runners.values()])
 
-        return await self._unary("ListModels", context, handle)
+        return await self._unary("ListModels", request, context, handle)
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
@@ -135,7 +181,7 @@ class ActionService(pb_grpc.ActionServiceServicer):
         async def handle(owner: str | None) -> pb.GetModelInfoResponse:
             return pb.GetModelInfoResponse(model=model_info(self.sessions.runner(request.model)))
 
-        return await self._unary("GetModelInfo", context, handle)
+        return await self._unary("GetModelInfo", request, context, handle)
 
     async def OpenSession(
         self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext
@@ -164,7 +210,7 @@ class ActionService(pb_grpc.ActionServiceServicer):
             session = self.sessions.open(settings, owner)
             return open_reply(session, self.sessions.runners[session.model])
 
-        return await self._unary("OpenSession", context, handle)
+        return await self._unary("OpenSession", request, context, handle)
 
     async def GetAction(
         self, request: pb.GetActionRequest, context: grpc.aio.ServicerContext
@@ -173,7 +219,7 @@ class ActionService(pb_grpc.ActionServiceServicer):
             self._check_header(context, request.session_id)
             return await self._get_action(request, owner, _deadline(context))
 
-        return await self._unary("GetAction", context, handle)
+        return await self._unary("GetAction", request, context, handle)
 
     async def StreamActions(
         self, request_iterator: AsyncIterator[pb.StreamActionsRequest], context: grpc.aio.ServicerContext
@@ -185,7 +231,14 @@ class ActionService(pb_grpc.ActionServiceServicer):
             await context.abort(err.code, err.message)
         replies: asyncio.Queue[pb.StreamActionsResponse | None] = asyncio.Queue()
 
-        async def answer(req: pb.GetActionRequest) -> None:
+        async def answer(msg: pb.StreamActionsRequest | Malformed) -> None:
+            if isinstance(msg, Malformed):
+                self.metrics.observe_request("StreamActions", "INVALID_ARGUMENT", 0.0)
+                replies.put_nowait(
+                    pb.StreamActionsResponse(error=pb.RequestError(code=3, message=msg.message))
+                )
+                return
+            req = msg.request
             response, error = await self._item("StreamActions", req, owner, None)
             reply = (
                 pb.StreamActionsResponse(response=response)
@@ -199,7 +252,7 @@ class ActionService(pb_grpc.ActionServiceServicer):
             pending: set[asyncio.Task[None]] = set()
             try:
                 async for msg in request_iterator:
-                    task = asyncio.create_task(answer(msg.request))
+                    task = asyncio.create_task(answer(msg))
                     pending.add(task)
                     task.add_done_callback(pending.discard)
                 if pending:
@@ -232,7 +285,7 @@ class ActionService(pb_grpc.ActionServiceServicer):
                 ]
             )
 
-        return await self._unary("BatchGetActionCall", context, handle)
+        return await self._unary("BatchGetActionCall", request, context, handle)
 
     async def ResetSession(
         self, request: pb.ResetSessionRequest, context: grpc.aio.ServicerContext
@@ -242,7 +295,7 @@ class ActionService(pb_grpc.ActionServiceServicer):
             await self.sessions.reset(self.sessions.get(request.session_id, owner))
             return pb.ResetSessionResponse()
 
-        return await self._unary("ResetSession", context, handle)
+        return await self._unary("ResetSession", request, context, handle)
 
     async def CloseSession(
         self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext
@@ -252,4 +305,4 @@ class ActionService(pb_grpc.ActionServiceServicer):
             await self.sessions.close(self.sessions.get(request.session_id, owner))
             return pb.CloseSessionResponse()
 
-        return await self._unary("CloseSession", context, handle)
+        return await self._unary("CloseSession", request, context, handle)
