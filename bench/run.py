@@ -513,7 +513,7 @@ def bench_shape(shape: str, args: argparse.Namespace, results_dir: Path, stamp: 
                 srv,
                 args,
                 results_dir / f"{stamp}-{shape}-profile-a-unary.txt",
-                lambda: run_workers(
+                lambda: _run_workers(
                     srv.target,
                     "unary-sync",
                     [1],
@@ -563,7 +563,7 @@ def bench_shape(shape: str, args: argparse.Namespace, results_dir: Path, stamp: 
                 srv,
                 args,
                 results_dir / f"{stamp}-{shape}-profile-b-batched-64.txt",
-                lambda: run_workers(
+                lambda: _run_workers(
                     srv.target,
                     "batched",
                     sizes,
