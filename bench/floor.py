@@ -64,34 +64,43 @@ def lockstep(model, feed: Feed, batch: int, warmup: int, measure: int, temperatu
     return out
 
 
-def history_cost(model, feed: Feed, history: int, warmup: int, measure: int, temperature: float) -> dict:
-    """One session: prefill `history` steps, then `warmup` + `measure` single steps."""
+def history_costs(
+    model, feed: Feed, histories: list[int], warmup: int, measure: int, temperature: float
+) -> dict[str, dict]:
+    """e: one session per history length, each prefilled with `history` steps, then stepped one
+    step at a time in turn (round robin), so drift of the machine's speed hits all lengths alike."""
     dev = model.device
-    total = history + warmup + measure
-    cols = feed.columns(0, total)
-    pool = model.new_cache_pool(1, total)
-    slot = np.array([pool.allocate()])
+    longest = max(histories) + warmup + measure
+    pool = model.new_cache_pool(len(histories), longest)
+    slots = [np.array([pool.allocate()]) for _ in histories]
+    cols = feed.columns(0, longest)
     with torch.inference_mode():
-        prefill = {k: torch.from_numpy(v[:history]).to(dev) for k, v in cols.items()}
-        model.forward_batch(prefill, pool, slot, np.array([history]))
+        for h, slot in zip(histories, slots, strict=True):
+            prefill = {k: torch.from_numpy(v[:h]).to(dev) for k, v in cols.items()}
+            model.forward_batch(prefill, pool, slot, np.array([h]))
     temp = torch.full((1,), temperature, device=dev)
     nact = torch.full((1,), feed.num_actions, dtype=torch.int64, device=dev)
-    action = np.zeros(1, dtype=np.int64)
-    times = []
-    for i, s in enumerate(range(history, total)):
-        t0 = time.perf_counter()
-        steps = {k: torch.from_numpy(v[s : s + 1]).to(dev) for k, v in cols.items() if k != "action"}
-        steps["action"] = torch.from_numpy(action).to(dev)
-        uniform = torch.from_numpy(counter_uniform(np.zeros(1, np.uint64), np.array([s + 1], np.uint64)))
-        with torch.inference_mode():
-            scores = model.forward_batch(steps, pool, slot, np.ones(1, dtype=np.int64))
-            picked = sample_actions(scores, temp, nact, uniform.to(dev))
-        action = picked.cpu().numpy()
-        t1 = time.perf_counter()
-        if i >= warmup:
-            times.append(t1 - t0)
-    out = summarize(times)
-    out.update(history_start=history + warmup, history_end=total)
+    one = np.ones(1, dtype=np.int64)
+    actions = [np.zeros(1, dtype=np.int64) for _ in histories]
+    times: list[list[float]] = [[] for _ in histories]
+    for i in range(warmup + measure):
+        for j, (h, slot) in enumerate(zip(histories, slots, strict=True)):
+            s = h + i
+            t0 = time.perf_counter()
+            steps = {k: torch.from_numpy(v[s : s + 1]).to(dev) for k, v in cols.items() if k != "action"}
+            steps["action"] = torch.from_numpy(actions[j]).to(dev)
+            uniform = torch.from_numpy(counter_uniform(np.zeros(1, np.uint64), np.array([s + 1], np.uint64)))
+            with torch.inference_mode():
+                scores = model.forward_batch(steps, pool, slot, one)
+                picked = sample_actions(scores, temp, nact, uniform.to(dev))
+            actions[j] = picked.cpu().numpy()
+            t1 = time.perf_counter()
+            if i >= warmup:
+                times[j].append(t1 - t0)
+    out = {}
+    for h, ts in zip(histories, times, strict=True):
+        out[str(h)] = summarize(ts)
+        out[str(h)].update(history_start=h + warmup, history_end=h + warmup + measure)
     return out
 
 
@@ -142,11 +151,10 @@ def main() -> int:
         out["c"][str(batch)] = lockstep(
             model, feed, batch, spec["warmup"], spec["measure"], spec["temperature"]
         )
-    for history in spec["histories"]:
-        print(f"[floor] e history {history}", file=sys.stderr, flush=True)
-        out["e"][str(history)] = history_cost(
-            model, feed, history, spec["e_warmup"], spec["e_measure"], spec["temperature"]
-        )
+    print(f"[floor] e histories {spec['histories']}", file=sys.stderr, flush=True)
+    out["e"] = history_costs(
+        model, feed, spec["histories"], spec["e_warmup"], spec["e_measure"], spec["temperature"]
+    )
     json.dump(out, sys.stdout)
     return 0
 

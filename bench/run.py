@@ -297,7 +297,7 @@ def _run_workers(
     measure: int,
     feed: dict,
     timeout: float,
-    history: int = 0,
+    histories: list[int] | None = None,
     server: BenchServer | None = None,
 ) -> dict[str, Any]:
     """Start one worker process per entry of `sizes` (its session count); aggregate their reports."""
@@ -321,7 +321,7 @@ def _run_workers(
             "measure": measure,
             "feed": feed,
             "temperature": TEMPERATURE,
-            "history": history,
+            "histories": histories or [],
         }
         offset += n
         procs.append(ctx.Process(target=worker.worker_main, args=(spec, barrier, results), daemon=True))
@@ -373,11 +373,17 @@ def _run_workers(
         sessions_per_worker=sizes,
         actions=actions,
         wall_s=wall,
-        history_start=history + warmup,
-        history_end=history + warmup + measure,
+        history_start=warmup,
+        history_end=warmup + measure,
     )
-    if mode == "history":
-        out["prefill_s"] = reports[0]["prefill_s"]
+    if mode == "history":  # one figure per history length, measured in turn
+        for h, lat in reports[0]["per_history"].items():
+            out[h] = {
+                **summarize(lat),
+                "history_start": int(h) + warmup,
+                "history_end": int(h) + warmup + measure,
+                "prefill_s": reports[0]["prefill_s"][h],
+            }
     out["other_cpu_share"] = watch.report()["other_cpu_share"]
     out.update(server_metrics(before, after, t_after - t_measure))
     return out
@@ -494,20 +500,20 @@ def bench_shape(shape: str, args: argparse.Namespace, results_dir: Path, stamp: 
                 timeout=args.timeout,
                 server=srv,
             )
-        res["e"]["grpc"] = {}
-        for h in args.histories:
-            log(f"{shape}: e gRPC unary, history {h}")
-            res["e"]["grpc"][str(h)] = run_workers(
-                srv.target,
-                "history",
-                [1],
-                warmup=args.e_warmup,
-                measure=args.e_measure,
-                feed=feed,
-                timeout=args.timeout,
-                history=h,
-                server=srv,
-            )
+        log(f"{shape}: e gRPC unary, histories {args.histories} in turn")
+        e_grpc = run_workers(
+            srv.target,
+            "history",
+            [1],
+            warmup=args.e_warmup,
+            measure=args.e_measure,
+            feed=feed,
+            timeout=args.timeout,
+            histories=args.histories,
+            server=srv,
+        )
+        shared = {k: v for k, v in e_grpc.items() if k.startswith("server_") or k == "other_cpu_share"}
+        res["e"]["grpc"] = {str(h): {**e_grpc[str(h)], **shared} for h in args.histories}
         if args.profile:
             res.setdefault("profiles", {})["a_unary"] = profile_run(
                 srv,

@@ -9,7 +9,7 @@ trip), closes its sessions and reports. Modes:
 - `unary-sync`: the blocking client, one thread per session (used for the single-session `a`);
 - `stream`: the blocking client's `Session.stream()` (`StreamActions`), one thread per session;
 - `batched`: `ActionClient.open_sessions(n)` and one `BatchGetAction` per step for all of them;
-- `history`: one session, a prefill of `history` steps, then single steps (for `e`).
+- `history`: one session per history length, a prefill each, then single steps in turn (for `e`).
 """
 
 from __future__ import annotations
@@ -168,28 +168,46 @@ def _run_batched(spec: dict, barrier: Any) -> dict:
 
 
 def _run_history(spec: dict, barrier: Any) -> dict:
+    """e: one session per history length, each prefilled by one request, then stepped in turn."""
     from mouse_client import ActionClient
 
-    history, warmup, measure = spec["history"], spec["warmup"], spec["measure"]
-    rs = _records(spec, 0, history + warmup + measure)
+    histories, warmup, measure = spec["histories"], spec["warmup"], spec["measure"]
+    rs = _records(spec, 0, max(histories) + warmup + measure)
     with ActionClient(spec["target"]) as client:
-        session = client.open_session(seed=0, temperature=spec["temperature"])
-        t = time.perf_counter()
-        action = session.get_action(rs[:history])  # one prefill request
-        prefill_s = time.perf_counter() - t
-        for s in range(history, history + warmup):
-            action = session.get_action({**rs[s], "action": action})
-        barrier.wait()
-        lat: list[float] = []
-        t0 = time.perf_counter()
-        for s in range(history + warmup, history + warmup + measure):
-            rec = {**rs[s], "action": action}
+        sessions = [client.open_session(seed=0, temperature=spec["temperature"]) for _ in histories]
+        actions, prefill_s = [], []
+        for h, session in zip(histories, sessions, strict=True):
             t = time.perf_counter()
-            action = session.get_action(rec)
-            lat.append(time.perf_counter() - t)
+            actions.append(session.get_action(rs[:h]))  # one prefill request
+            prefill_s.append(time.perf_counter() - t)
+
+        def step(i: int, out: list[list[float]] | None) -> None:
+            for j, (h, session) in enumerate(zip(histories, sessions, strict=True)):
+                rec = {**rs[h + i], "action": actions[j]}
+                t = time.perf_counter()
+                actions[j] = session.get_action(rec)
+                if out is not None:
+                    out[j].append(time.perf_counter() - t)
+
+        for i in range(warmup):
+            step(i, None)
+        barrier.wait()
+        lat: list[list[float]] = [[] for _ in histories]
+        t0 = time.perf_counter()
+        for i in range(warmup, warmup + measure):
+            step(i, lat)
         t1 = time.perf_counter()
-        session.close()
-    return _result(spec, lat, measure, t0, t1, prefill_s=prefill_s)
+        for session in sessions:
+            session.close()
+    return _result(
+        spec,
+        [x for xs in lat for x in xs],
+        measure * len(histories),
+        t0,
+        t1,
+        per_history={str(h): xs for h, xs in zip(histories, lat, strict=True)},
+        prefill_s={str(h): p for h, p in zip(histories, prefill_s, strict=True)},
+    )
 
 
 MODES = {
