@@ -152,9 +152,10 @@ def resolve(args: argparse.Namespace) -> None:
     args.measure = args.measure if args.measure is not None else (16 if q else 256)
     args.e_warmup = args.e_warmup if args.e_warmup is not None else (2 if q else 8)
     args.e_measure = args.e_measure if args.e_measure is not None else (8 if q else 64)
-    args.sessions = args.sessions or ([1, 16, 64, 1024] if on_gpu else [1, 16, 64])
+    # --quick keeps the sizes the ratios need (1 and 64)
+    args.sessions = args.sessions or ([1, 64] if q else [1, 16, 64, 1024] if on_gpu else [1, 16, 64])
     args.batches = args.batches or list(args.sessions)
-    args.ref_batches = args.ref_batches or [1, 16, 64]
+    args.ref_batches = args.ref_batches or ([1, 64] if q else [1, 16, 64])
     args.workers = args.workers or (8 if on_gpu else 4)
     cores = os.cpu_count() or 1
     args.threads = args.threads or (4 if on_gpu else cores)
