@@ -42,7 +42,15 @@ class AttentionPlan:
     num_rows: int
     max_new: int  # Tq: widest sequence in this batch
     max_len: int  # Lk: longest sequence after this forward
-    mask: torch.Tensor  # [rows, 1, n_rep * Tq, Lk] True where a query may attend
+    query_pos: torch.Tensor  # [rows, Tq] position of every query cell (padding repeats the last)
+    mask: torch.Tensor | None = None  # [rows, 1, n_rep * Tq, Lk], built on the device per forward
+
+    def attention_mask(self, n_rep: int) -> torch.Tensor:
+        """True where a query may attend; heads sharing a KV head are stacked along the queries."""
+        if self.mask is None:
+            pos = self.query_pos.repeat(1, n_rep)
+            self.mask = torch.arange(self.max_len, device=pos.device) <= pos[:, None, :, None]
+        return self.mask
 
 
 class KVCachePool:
@@ -163,12 +171,9 @@ class KVCachePool:
         query_pos = np.zeros((num_rows, max_new), dtype=np.int64)
         query_pos[seq_row] = start[:, None] + np.minimum(np.arange(max_new)[None, :], new_tokens[:, None] - 1)
         dev = self.device
-        query_pos_t = torch.from_numpy(query_pos).to(dev).repeat(1, self.n_rep)
-        max_len = int(end.max())
-        mask = torch.arange(max_len, device=dev) <= query_pos_t[:, None, :, None]
 
         def to_dev(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(a).to(dev)
+            return torch.from_numpy(a).to(dev, non_blocking=True)
 
         return AttentionPlan(
             slots=slots,
@@ -181,8 +186,8 @@ class KVCachePool:
             rows=rows if isinstance(rows, slice) else to_dev(rows),
             num_rows=num_rows,
             max_new=max_new,
-            max_len=max_len,
-            mask=mask,
+            max_len=int(end.max()),
+            query_pos=to_dev(query_pos),
         )
 
     def attend(
@@ -198,14 +203,14 @@ class KVCachePool:
         keys = k_cache[plan.rows, :, : plan.max_len]
         values = v_cache[plan.rows, :, : plan.max_len]
 
-        num_heads, head_dim = q.shape[1], q.shape[2]
+        rows, tq, (num_heads, head_dim) = plan.num_rows, plan.max_new, q.shape[1:]
         kv_heads = num_heads // self.n_rep
-        grid = q.new_zeros(plan.num_rows, num_heads, plan.max_new, head_dim)
+        grid = q.new_zeros(rows, num_heads, tq, head_dim)
         grid[plan.token_row, :, plan.token_col] = q
         # Heads sharing a KV head are stacked along the query axis: GQA without repeat_kv.
-        grid = grid.view(plan.num_rows, kv_heads, self.n_rep * plan.max_new, head_dim)
-        out = F.scaled_dot_product_attention(grid, keys, values, attn_mask=plan.mask)
-        out = out.view(plan.num_rows, num_heads, plan.max_new, head_dim)
+        grid = grid.reshape(rows, kv_heads, self.n_rep * tq, head_dim)
+        out = F.scaled_dot_product_attention(grid, keys, values, attn_mask=plan.attention_mask(self.n_rep))
+        out = out.view(rows, num_heads, tq, head_dim)
         return out[plan.token_row, :, plan.token_col]
 
     def commit(self, plan: AttentionPlan) -> None:

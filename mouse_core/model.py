@@ -187,11 +187,6 @@ class StepEmbedder(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Decoder stack
 # --------------------------------------------------------------------------------------------
-def rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
@@ -218,8 +213,11 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        # RoPE on q and k at once: x * cos + rotate_half(x) * sin, with rotate_half(x) * sin
+        # written as roll(x) * sin_signed (the sign of sin's first half folded in).
+        qk = torch.cat((q, k), dim=1)
+        qk = qk * cos + qk.roll(self.head_dim // 2, dims=-1) * sin
+        q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
         out = pool.attend(layer, plan, q, k, v)
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 
@@ -259,8 +257,9 @@ class Backbone(nn.Module):
 
     def forward(self, x: Tensor, pool: KVCachePool, plan: AttentionPlan) -> Tensor:
         angles = plan.positions.float()[:, None] * self.inv_freq  # [Ntok, hd/2], float32 as HF
-        angles = torch.cat((angles, angles), dim=-1)[:, None, :]
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        sin = angles.sin()
+        cos = torch.cat((angles.cos(),) * 2, dim=-1)[:, None, :].to(x.dtype)
+        sin = torch.cat((-sin, sin), dim=-1)[:, None, :].to(x.dtype)  # signed for roll(), see Attention
         for i, layer in enumerate(self.layers):
             x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, pool, plan, i)
             x = x + layer.mlp(layer.post_attention_layernorm(x))

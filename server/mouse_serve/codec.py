@@ -1,15 +1,19 @@
 """Protobuf <-> numpy: decode and validate `Steps`, describe models, encode replies.
 
-Decoding is vectorised (no per-value Python loop): each used column is viewed as a numpy array
-and checked against the model's `StepSchema` before the request reaches a session.
+Each used column becomes a numpy array in one call and is checked against the model's
+`StepSchema` before the request reaches a session (long columns with numpy; the few values of a
+single step in plain Python, where numpy's per-call cost would dominate).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import numpy as np
 
 from mouse_client.v1 import action_service_pb2 as pb
-from mouse_core import StepSchema, StepValidationError
+from mouse_core import FieldSpec, StepSchema, StepValidationError
 from mouse_core.steps import check_values
 from mouse_serve.errors import exhausted, invalid
 from mouse_serve.runner import ModelRunner
@@ -26,26 +30,36 @@ STEP_FIELDS: dict[str, np.dtype] = {
 }
 
 
-def _column(steps: pb.Steps, name: str) -> np.ndarray:
-    value = getattr(steps, name)
-    if name == "obs_image":
-        return np.frombuffer(value, dtype=np.uint8)
-    return np.asarray(value, dtype=STEP_FIELDS[name])
+# Columns up to this many values are checked in Python: for one step, numpy's per-call cost
+# would dominate the whole request.
+SMALL_COLUMN = 16
+
+
+def _check_small(spec: FieldSpec, values: Sequence[float]) -> None:
+    """`check_values` for a short column, without numpy."""
+    if spec.kind == "float":
+        for v in values:
+            if not math.isfinite(v):
+                raise invalid(f"steps.{spec.name}: got {v}; expected finite floats.")
+        return
+    lo, hi = min(values), max(values)
+    if lo < 0 or hi >= (spec.high or 0):
+        raise invalid(
+            f"steps.{spec.name}: got {lo if lo < 0 else hi}; expected an integer in [0, {spec.high})."
+        )
 
 
 def decode_steps(
     steps: pb.Steps, schema: StepSchema, model: str, max_steps: int
 ) -> tuple[dict[str, np.ndarray], int]:
     """Validate a `Steps` message against `schema`; returns ({field: [n, ...]}, n)."""
-    columns = {name: _column(steps, name) for name in STEP_FIELDS}
-    used = set(schema.names)
-    extra = sorted(n for n, c in columns.items() if c.size and n not in used)
-    if extra:
-        raise invalid(
-            f"steps.{extra[0]} is set but model {model!r} does not use it; it reads {list(schema.names)}."
-        )
+    for name in STEP_FIELDS:
+        if name not in schema.names and len(getattr(steps, name)):
+            raise invalid(
+                f"steps.{name} is set but model {model!r} does not use it; it reads {list(schema.names)}."
+            )
     first = schema.fields[0]
-    n = columns[first.name].size // max(first.width, 1)
+    n = len(getattr(steps, first.name)) // max(first.width, 1)
     if n == 0:
         raise invalid(f"steps is empty: model {model!r} needs at least one step with {list(schema.names)}.")
     if n > max_steps:
@@ -54,19 +68,26 @@ def decode_steps(
         )
     out: dict[str, np.ndarray] = {}
     for spec in schema.fields:
-        col = columns[spec.name]
-        want = n * max(spec.width, 1)
-        if col.size != want:
+        values = getattr(steps, spec.name)
+        size, want = len(values), n * max(spec.width, 1)
+        if size != want:
             shape = f"{n} steps x {spec.width}" if spec.width else f"{n} steps"
-            if col.size == 0:
+            if size == 0:
                 raise invalid(
                     f"steps.{spec.name} is missing; model {model!r} needs {spec.describe()} per step ({shape})."
                 )
-            raise invalid(f"steps.{spec.name} has {col.size} values; expected {want} ({shape}).")
-        try:
-            check_values(spec, col)
-        except StepValidationError as exc:
-            raise invalid(f"steps.{exc}") from None
+            raise invalid(f"steps.{spec.name} has {size} values; expected {want} ({shape}).")
+        if spec.name == "obs_image":  # bytes are 0..255 by construction
+            col = np.frombuffer(values, dtype=np.uint8)
+        else:
+            col = np.asarray(values, dtype=STEP_FIELDS[spec.name])
+            if size <= SMALL_COLUMN:
+                _check_small(spec, values)
+            else:
+                try:
+                    check_values(spec, col)
+                except StepValidationError as exc:
+                    raise invalid(f"steps.{exc}") from None
         out[spec.name] = col.reshape((n, spec.width) if spec.width else (n,))
     return out, n
 

@@ -46,6 +46,8 @@ class ServerConfig:
     idle_timeout_s: float = 600.0
     context_policy: str = "sliding"
     max_batch_tokens: int = 8192
+    max_batch_wait_s: float = 0.005
+    threads: int = 0  # 0: all cores
     prefill_chunk_steps: int = 256
     max_steps_per_request: int = 4096
     max_message_bytes: int = 16 * 1024 * 1024
@@ -99,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         "auto",
         "decoder dtype: auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16",
     )
+    add(
+        "threads",
+        int,
+        0,
+        "torch threads for large CPU forwards (small ones run on one thread); 0 = all cores",
+    )
     add("max-sessions", int, 64, "sessions (KV-cache slots) per model, preallocated")
     add("max-context-steps", int, 0, "steps of history per session; 0 = the model's own limit")
     add("idle-timeout", float, 600.0, "seconds after which an idle session expires")
@@ -110,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["sliding", "reset", "reject"],
     )
     add("max-batch-tokens", int, 8192, "padded tokens per batched forward (bounds memory)")
+    add(
+        "max-batch-wait-ms",
+        float,
+        5.0,
+        "longest wait for more sessions' steps before a forward (only while fewer steps are queued "
+        "than sessions recently active; at most half a typical forward); 0 = never wait",
+    )
     add("prefill-chunk-steps", int, 256, "long prefills run in chunks of this many steps")
     add("max-steps-per-request", int, 4096, "most steps one GetAction may carry")
     add("max-message-bytes", int, 16 * 1024 * 1024, "largest request message accepted")
@@ -150,6 +165,10 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if ns.max_context_steps < 0 or ns.max_sessions_per_token < 0 or ns.metrics_port < 0:
         parser.error("--max-context-steps, --max-sessions-per-token and --metrics-port must be >= 0")
+    if ns.threads < 0:
+        parser.error(f"--threads must be >= 0, got {ns.threads}")
+    if ns.max_batch_wait_ms < 0:
+        parser.error(f"--max-batch-wait-ms must be >= 0, got {ns.max_batch_wait_ms}")
     if ns.idle_timeout <= 0 or ns.grace_period < 0:
         parser.error("--idle-timeout must be > 0 and --grace-period >= 0")
     if (ns.tls_cert is None) != (ns.tls_key is None):
@@ -173,6 +192,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
         idle_timeout_s=ns.idle_timeout,
         context_policy=ns.context_policy,
         max_batch_tokens=ns.max_batch_tokens,
+        max_batch_wait_s=ns.max_batch_wait_ms / 1000.0,
+        threads=ns.threads,
         prefill_chunk_steps=ns.prefill_chunk_steps,
         max_steps_per_request=ns.max_steps_per_request,
         max_message_bytes=ns.max_message_bytes,

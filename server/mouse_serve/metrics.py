@@ -7,7 +7,7 @@ current state (sessions, KV pool bytes) are read from the session manager at scr
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
@@ -112,14 +112,22 @@ class Metrics:
             registry=r,
         )
         self.load_seconds: dict[str, float] = {}
+        self._request_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._http = None
 
     def attach(self, sessions: SessionManager) -> None:
         self.registry.register(_StateCollector(sessions, self.load_seconds))
 
     def observe_request(self, method: str, code: str, seconds: float) -> None:
-        self.requests.labels(method, code).inc()
-        self.latency.labels(method).observe(seconds)
+        key = (method, code)
+        children = self._request_children.get(key)
+        if children is None:  # labels() takes a lock and builds a key; cache the children
+            children = self._request_children[key] = (
+                self.requests.labels(method, code),
+                self.latency.labels(method),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_batch(self, stats: BatchStats) -> None:
         self.batch_size.labels(stats.model).observe(stats.size)

@@ -4,6 +4,11 @@ Whenever the model is free, the scheduler takes the queued work items in arrival
 session at most: a session lock keeps a second one out until the first is answered) up to a
 padded-token budget, runs them as one ragged batch on the runner's thread, and resolves each
 item's future. The event loop keeps accepting and queueing requests meanwhile.
+
+Before a forward it may wait briefly for stragglers: when fewer steps are queued than sessions
+stepped in the last second, it waits up to `max_batch_wait_s` (and at most half a typical
+forward) for the rest, so a population of workers converges on full batches instead of
+alternating half batches.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from mouse_serve.errors import deadline_exceeded
 from mouse_serve.runner import ModelRunner, WorkItem, WorkResult
 
 log = logging.getLogger(__name__)
+RECENT_S = 1.0  # a session that stepped this recently is expected to step again soon
 
 
 @dataclass
@@ -49,10 +55,14 @@ class Scheduler:
         runner: ModelRunner,
         *,
         max_batch_tokens: int,
+        max_batch_wait_s: float = 0.0,
         on_batch: Callable[[BatchStats], None] | None = None,
     ) -> None:
         self.runner = runner
         self.max_batch_tokens = max_batch_tokens
+        self.max_batch_wait_s = max_batch_wait_s
+        self._last_step: dict[int, float] = {}  # slot -> when it last submitted
+        self._forward_s = 0.0  # moving average of one forward
         self._on_batch = on_batch
         self._queue: deque[_Pending] = deque()
         self._wake = asyncio.Event()
@@ -78,7 +88,9 @@ class Scheduler:
     def submit(self, item: WorkItem, deadline: float | None = None) -> asyncio.Future[WorkResult]:
         """Queue `item`; the future resolves once it has been applied."""
         future: asyncio.Future[WorkResult] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(item, future, deadline))
+        pending = _Pending(item, future, deadline)
+        self._queue.append(pending)
+        self._last_step[item.slot] = pending.queued_at
         self._wake.set()
         return future
 
@@ -118,6 +130,21 @@ class Scheduler:
             batch.append(self._queue.popleft())
         return batch
 
+    async def _await_stragglers(self) -> None:
+        """Wait a little while fewer steps are queued than sessions are active."""
+        budget = min(self.max_batch_wait_s, 0.5 * self._forward_s)
+        if budget <= 0:
+            return
+        now = time.monotonic()
+        self._last_step = {slot: t for slot, t in self._last_step.items() if now - t < RECENT_S}
+        deadline = now + budget
+        while len(self._queue) < len(self._last_step) and (left := deadline - time.monotonic()) > 0:
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), left)
+            except TimeoutError:
+                return
+
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -125,6 +152,7 @@ class Scheduler:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            await self._await_stragglers()
             batch = self._take()
             if not batch:
                 continue
@@ -141,6 +169,7 @@ class Scheduler:
             finally:
                 self.busy = False
             elapsed = time.monotonic() - started
+            self._forward_s = elapsed if not self._forward_s else 0.9 * self._forward_s + 0.1 * elapsed
             for p, result in zip(batch, results, strict=True):
                 if not p.future.done():
                     p.future.set_result(result)

@@ -35,6 +35,7 @@ def load_runners(config: ServerConfig) -> dict[str, ModelRunner]:
             max_sessions=config.max_sessions,
             max_context_steps=config.max_context_steps,
             prefill_chunk_steps=config.prefill_chunk_steps,
+            threads=config.threads,
         )
         for spec in config.models
     }
@@ -49,7 +50,10 @@ class Server:
         self.metrics = Metrics()
         self.schedulers = {
             name: Scheduler(
-                runner, max_batch_tokens=config.max_batch_tokens, on_batch=self.metrics.observe_batch
+                runner,
+                max_batch_tokens=config.max_batch_tokens,
+                max_batch_wait_s=config.max_batch_wait_s,
+                on_batch=self.metrics.observe_batch,
             )
             for name, runner in runners.items()
         }

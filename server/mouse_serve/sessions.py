@@ -17,7 +17,6 @@ from enum import IntEnum
 
 import numpy as np
 
-from mouse_core import counter_uniform
 from mouse_serve.errors import (
     ServiceError,
     already_exists,
@@ -295,7 +294,7 @@ class SessionManager:
             item, truncated = self._plan(session, steps, num_steps)
             item.temperature = session.temperature if temperature is None else float(temperature)
             item.num_actions = num_actions or session.num_actions
-            item.uniform = float(counter_uniform(np.array([session.seed]), np.array([seq]))[0])
+            item.seed, item.seq = session.seed, seq
             item.want_scores = want_scores
             scheduler = self.schedulers[session.model]
             pending = scheduler.submit(item, deadline)
@@ -369,5 +368,5 @@ class SessionManager:
         if total > limit:  # a prefill longer than the context keeps its most recent steps
             steps = {k: v[total - limit :] for k, v in steps.items()}
             total, reset, truncated = limit, True, True
-        item = WorkItem(session.slot, steps, total, reset, 0.0, 0, 0.0, False)
+        item = WorkItem(session.slot, steps, total, reset, 0.0, 0, 0, 0, False)
         return item, truncated
