@@ -78,7 +78,7 @@ def decode_steps(
                 )
             raise invalid(f"steps.{spec.name} has {size} values; expected {want} ({shape}).")
         if spec.name == "obs_image":  # bytes are 0..255 by construction
-            col = np.frombuffer(values, dtype=np.uint8)
+            col = np.frombuffer(values, dtype=np.uint8).copy()  # writable, for torch
         else:
             col = np.asarray(values, dtype=STEP_FIELDS[spec.name])
             if size <= SMALL_COLUMN:

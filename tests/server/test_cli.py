@@ -29,6 +29,8 @@ CASE = next(c for c in golden_cases() if c.name == "llama_gqa_long")
         (["--model", "x", "--max-sessions", "0"], "--max-sessions must be >= 1"),
         (["--model", "x", "--tls-cert", "c.pem"], "--tls-cert and --tls-key go together"),
         (["--model", "x", "--context-policy", "drop"], "invalid choice: 'drop'"),
+        (["--model", "x", "--max-batch-wait-ms", "-1"], "--max-batch-wait-ms must be >= 0"),
+        (["--model", "x", "--threads", "-2"], "--threads must be >= 0"),
     ],
 )
 def test_argument_errors(args: list[str], message: str) -> None:
