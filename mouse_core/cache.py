@@ -70,7 +70,9 @@ class KVCachePool:
     ) -> None:
         if num_slots < 1 or max_tokens < 1:
             raise ValueError(f"num_slots and max_tokens must be >= 1, got {num_slots}, {max_tokens}.")
-        shape = (num_layers, num_slots, num_kv_heads, max_tokens, head_dim)
+        # One extra slot at the end is scratch space: the fixed-shape decode writes the K/V of
+        # rows that are not in the batch there (see `decode_plan`).
+        shape = (num_layers, num_slots + 1, num_kv_heads, max_tokens, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.n_rep = (num_heads or num_kv_heads) // num_kv_heads
@@ -81,7 +83,11 @@ class KVCachePool:
     # -- slot management ------------------------------------------------------------------
     @property
     def num_slots(self) -> int:
-        return self.k.shape[1]
+        return len(self.lengths)
+
+    @property
+    def scratch_slot(self) -> int:
+        return self.num_slots
 
     @property
     def max_tokens(self) -> int:
@@ -101,7 +107,8 @@ class KVCachePool:
 
     @property
     def nbytes(self) -> int:
-        return self.bytes_per_slot * self.num_slots
+        """Bytes of K and V for all slots, the scratch slot included."""
+        return self.bytes_per_slot * (self.num_slots + 1)
 
     def allocate(self) -> int:
         """Claim the lowest free slot (empty). Raises `CacheFullError` when none is free."""
@@ -212,6 +219,53 @@ class KVCachePool:
         out = F.scaled_dot_product_attention(grid, keys, values, attn_mask=plan.attention_mask(self.n_rep))
         out = out.view(rows, num_heads, tq, head_dim)
         return out[plan.token_row, :, plan.token_col]
+
+    def decode_plan(self, rows: int, max_len: int, tokens_per_step: int) -> AttentionPlan:
+        """A fixed-shape plan: one step of `tokens_per_step` tokens in every row `0..rows-1`,
+        attending over `max_len` positions. Its index tensors are buffers that `fill_decode_plan`
+        refills for each batch, so a forward over it can be captured once in a CUDA graph."""
+        if not 1 <= rows <= self.num_slots + 1 or not tokens_per_step <= max_len <= self.max_tokens:
+            raise ValueError(f"decode plan of {rows} rows x {max_len} tokens does not fit this pool.")
+        dev, tps = self.device, tokens_per_step
+        row_of_token = torch.arange(rows, device=dev).repeat_interleave(tps)
+        return AttentionPlan(
+            slots=np.zeros(0, dtype=np.int64),
+            new_tokens=np.zeros(0, dtype=np.int64),
+            positions=torch.zeros(rows * tps, dtype=torch.int64, device=dev),
+            token_slot=torch.zeros(rows * tps, dtype=torch.int64, device=dev),
+            token_row=row_of_token,
+            token_col=torch.arange(tps, device=dev).repeat(rows),
+            last_token=torch.arange(rows, device=dev) * tps + tps - 1,
+            rows=slice(0, rows),
+            num_rows=rows,
+            max_new=tps,
+            max_len=max_len,
+            query_pos=torch.zeros(rows, tps, dtype=torch.int64, device=dev),
+        )
+
+    def fill_decode_plan(self, plan: AttentionPlan, slots: np.ndarray) -> None:
+        """Point a `decode_plan` at the sequences `slots` (each taking one step).
+
+        Rows of other slots write their K/V into the scratch slot and attend only to their own
+        first tokens, so they neither touch another sequence nor produce NaNs.
+        """
+        slots = np.asarray(slots, dtype=np.int64)
+        rows, tps = plan.num_rows, plan.max_new
+        if len(slots) == 0 or slots.max() >= rows or not self._used[slots].all():
+            raise ValueError(f"slots {slots.tolist()} must be allocated and below {rows}.")
+        start = self.lengths[slots]
+        if (start + tps > plan.max_len).any():
+            raise CacheFullError(f"a sequence of slots {slots.tolist()} does not fit {plan.max_len} tokens.")
+        first = np.zeros(rows, dtype=np.int64)
+        first[slots] = start
+        owner = np.full(rows, self.scratch_slot, dtype=np.int64)
+        owner[slots] = slots
+        query = first[:, None] + np.arange(tps)
+        plan.positions.copy_(torch.from_numpy(query.reshape(-1)), non_blocking=True)
+        plan.token_slot.copy_(torch.from_numpy(np.repeat(owner, tps)), non_blocking=True)
+        plan.query_pos.copy_(torch.from_numpy(query), non_blocking=True)
+        plan.slots, plan.new_tokens = slots, np.full(len(slots), tps, dtype=np.int64)
+        plan.mask = None  # rebuilt from the new query positions
 
     def commit(self, plan: AttentionPlan) -> None:
         """Advance the lengths of the planned sequences after a successful forward."""

@@ -511,19 +511,33 @@ class Model(nn.Module):
         sequence's steps contiguous and in order. The fields must already be valid (the server
         validates requests; use `validate_steps` otherwise).
         """
-        plan = (
-            pool.plan(slots, np.asarray(num_steps) * self.tokens_per_step)
-            if self.backbone is not None
-            else None
-        )
-        h = self._run(steps, pool, plan)[:, -1]
-        last_step = torch.from_numpy(np.cumsum(num_steps) - 1).to(h.device)
-        scores = self.action_scores(h[last_step].float())
+        num_steps = np.asarray(num_steps)
+        plan = pool.plan(slots, num_steps * self.tokens_per_step) if self.backbone is not None else None
+        last_step = None
+        if (num_steps != 1).any():
+            last_step = torch.from_numpy(np.cumsum(num_steps) - 1).to(self.device)
+        scores = self.score_steps(steps, pool, plan, last_step)
         if plan is not None:
             pool.commit(plan)
         else:
-            pool.lengths[slots] += np.asarray(num_steps) * self.tokens_per_step
+            pool.lengths[slots] += num_steps * self.tokens_per_step
         return scores
+
+    def score_steps(
+        self,
+        steps: Mapping[str, Tensor],
+        pool: KVCachePool,
+        plan: AttentionPlan | None,
+        last_step: Tensor | None,
+    ) -> Tensor:
+        """Run a planned forward; action scores at steps `last_step` (all steps when None).
+
+        Only device work: no host synchronisation, so it can be captured in a CUDA graph.
+        """
+        h = self._run(steps, pool, plan)[:, -1]
+        if last_step is not None:
+            h = h[last_step]
+        return self.action_scores(h.float())
 
     def get_action(
         self,

@@ -48,6 +48,7 @@ class ServerConfig:
     max_batch_tokens: int = 8192
     max_batch_wait_s: float = 0.005
     threads: int = 0  # 0: all cores
+    decode_graphs: str = "auto"
     prefill_chunk_steps: int = 256
     max_steps_per_request: int = 4096
     max_message_bytes: int = 16 * 1024 * 1024
@@ -106,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
         int,
         0,
         "torch threads for large CPU forwards (small ones run on one thread); 0 = all cores",
+    )
+    add(
+        "decode-graphs",
+        str,
+        "auto",
+        "fixed-shape decode steps captured in CUDA graphs: auto (on with CUDA), on, off; "
+        "'on' without CUDA runs the same fixed shapes eagerly",
+        choices=["auto", "on", "off"],
     )
     add("max-sessions", int, 64, "sessions (KV-cache slots) per model, preallocated")
     add("max-context-steps", int, 0, "steps of history per session; 0 = the model's own limit")
@@ -194,6 +203,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
         max_batch_tokens=ns.max_batch_tokens,
         max_batch_wait_s=ns.max_batch_wait_ms / 1000.0,
         threads=ns.threads,
+        decode_graphs=ns.decode_graphs,
         prefill_chunk_steps=ns.prefill_chunk_steps,
         max_steps_per_request=ns.max_steps_per_request,
         max_message_bytes=ns.max_message_bytes,

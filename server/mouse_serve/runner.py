@@ -16,6 +16,7 @@ import torch
 
 from mouse_core import DTYPES, KVCachePool, Model, counter_uniform, load_model, sample_actions
 from mouse_serve.config import ModelSpec
+from mouse_serve.decode_graphs import DecodeGraphs
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class ModelRunner:
         max_context_steps: int,
         prefill_chunk_steps: int,
         threads: int = 0,
+        decode_graphs: str = "auto",
     ) -> None:
         self.spec = spec
         self.model = model
@@ -95,6 +97,13 @@ class ModelRunner:
         self.load_seconds = 0.0
         self.max_threads = threads or torch.get_num_threads()
         self._flops_per_token = 2 * sum(p.numel() for p in model.parameters())
+        cuda = self.device.type == "cuda"
+        use_graphs = decode_graphs == "on" or (decode_graphs == "auto" and cuda)
+        self.graphs = (
+            DecodeGraphs(model, self.pool, capture=cuda)
+            if use_graphs and model.backbone is not None
+            else None
+        )
 
     @classmethod
     def load(
@@ -107,11 +116,14 @@ class ModelRunner:
         max_context_steps: int,
         prefill_chunk_steps: int,
         threads: int = 0,
+        decode_graphs: str = "auto",
     ) -> ModelRunner:
         dev = resolve_device(device)
         started = time.perf_counter()
         model = load_model(spec.source, device=dev, dtype=resolve_dtype(dtype, dev))
-        runner = cls(spec, model, max_sessions, max_context_steps, prefill_chunk_steps, threads)
+        runner = cls(
+            spec, model, max_sessions, max_context_steps, prefill_chunk_steps, threads, decode_graphs
+        )
         runner.load_seconds = time.perf_counter() - started
         log.info(
             "loaded model %r from %s in %.1fs: %s backbone, %s on %s, %d parameters, "
@@ -171,15 +183,15 @@ class ModelRunner:
         }
         slots = np.array([item.slot for item in items])
         counts = np.array([item.num_steps - tail for item, tail in zip(items, tails, strict=True)])
+        temperature = np.array([i.temperature for i in items], dtype=np.float32)
+        num_actions = np.array([i.num_actions for i in items], dtype=np.int64)
+        uniform = counter_uniform([i.seed for i in items], [i.seq for i in items])
         with torch.inference_mode():
-            scores = model.forward_batch(self._to_device(packed), pool, slots, counts)
-            dev = scores.device
-            actions = sample_actions(
-                scores,
-                torch.tensor([i.temperature for i in items], dtype=torch.float32, device=dev),
-                torch.tensor([i.num_actions for i in items], device=dev),
-                torch.from_numpy(counter_uniform([i.seed for i in items], [i.seq for i in items])).to(dev),
-            )
+            if self.graphs is not None and self.graphs.fits(slots, counts, [i.reset for i in items]):
+                scores, actions = self.graphs.run(slots, packed, temperature, num_actions, uniform)
+            else:
+                scores = model.forward_batch(self._to_device(packed), pool, slots, counts)
+                actions = sample_actions(scores, *self._to_device_all(temperature, num_actions, uniform))
         actions_host = actions.cpu().numpy()
         scores_host = scores.cpu().numpy() if any(i.want_scores for i in items) else None
         return [
@@ -191,3 +203,6 @@ class ModelRunner:
             )
             for j, item in enumerate(items)
         ]
+
+    def _to_device_all(self, *arrays: np.ndarray) -> list[torch.Tensor]:
+        return [torch.from_numpy(a).to(self.device, non_blocking=True) for a in arrays]

@@ -36,6 +36,7 @@ def load_runners(config: ServerConfig) -> dict[str, ModelRunner]:
             max_context_steps=config.max_context_steps,
             prefill_chunk_steps=config.prefill_chunk_steps,
             threads=config.threads,
+            decode_graphs=config.decode_graphs,
         )
         for spec in config.models
     }

@@ -125,7 +125,7 @@ def test_pool_bytes_equal_raw_kv_bytes(model: Model) -> None:
     assert bb is not None
     raw = 2 * bb.num_layers * bb.num_key_value_heads * bb.head_dim * 10 * model.tokens_per_step * 4
     assert pool.bytes_per_slot == raw
-    assert pool.nbytes == 3 * raw
+    assert pool.nbytes == (3 + 1) * raw  # plus the scratch slot of the fixed-shape decode
 
 
 def test_no_backbone_model_tracks_slots() -> None:
@@ -135,3 +135,26 @@ def test_no_backbone_model_tracks_slots() -> None:
     a, b = seqs.join(), seqs.join()
     seqs.step({a: 2, b: 1})
     seqs.step({b: 3})
+
+
+def test_fixed_shape_decode_plan_matches_running_alone(model: Model) -> None:
+    """The CUDA-graph decode layout: one step in every row, rows outside the batch go to scratch."""
+    seqs = Sequences(model, num_slots=6, max_steps=20)
+    slots = [seqs.join() for _ in range(5)]
+    seqs.step({s: 2 + s for s in slots})  # ragged histories
+    seqs.leave(slots[1])  # a free slot inside the row range
+    tps = model.tokens_per_step
+    plan = seqs.pool.decode_plan(rows=7, max_len=16 * tps, tokens_per_step=tps)
+    for round_ in range(2):  # the same plan object serves successive steps
+        batch = [slots[0], slots[3], slots[4]] if round_ == 0 else [slots[2], slots[4]]
+        fresh = random_steps(model.step_schema, (7,), seed=100 + round_)
+        seqs.pool.fill_decode_plan(plan, np.array(batch))
+        with torch.inference_mode():
+            scores = model.score_steps(fresh, seqs.pool, plan, None)
+        seqs.pool.commit(plan)
+        for slot in batch:
+            old = seqs.history[slot]
+            seqs.history[slot] = {n: torch.cat([old[n], fresh[n][slot : slot + 1]]) for n in fresh}
+            torch.testing.assert_close(scores[slot], alone_scores(model, seqs.history[slot]), rtol=1e-4, atol=1e-5)
+            assert seqs.pool.lengths[slot] == seqs.history[slot]["action"].shape[0] * tps
+    seqs.step({slots[0]: 1, slots[2]: 1, slots[3]: 2})  # the ragged path still agrees afterwards

@@ -27,6 +27,20 @@ def golden_server() -> Iterator[ServerProcess]:
         yield server
 
 
+@pytest.fixture(scope="session")
+def fixed_shape_server() -> Iterator[ServerProcess]:
+    """The CUDA-graph decode layout (fixed shapes, scratch rows), run eagerly on CPU."""
+    with ServerProcess(*golden_model_args(), "--max-sessions", "24", "--decode-graphs", "on") as server:
+        yield server
+
+
+@pytest.fixture(params=["ragged", "fixed-shape"])
+def any_server(request: pytest.FixtureRequest) -> ServerProcess:
+    """Each decode path: the ragged forward, and the fixed-shape one CUDA graphs capture."""
+    name = "golden_server" if request.param == "ragged" else "fixed_shape_server"
+    return request.getfixturevalue(name)
+
+
 @pytest.fixture
 def client(golden_server: ServerProcess) -> Iterator[ActionClient]:
     with ActionClient(golden_server.target) as c:

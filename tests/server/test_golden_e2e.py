@@ -17,8 +17,9 @@ def case(request: pytest.FixtureRequest) -> GoldenCase:
     return request.param
 
 
-def test_one_step_at_a_time(client: ActionClient, case: GoldenCase) -> None:
+def test_one_step_at_a_time(any_server: ServerProcess, case: GoldenCase) -> None:
     trim = case.meta["num_actions"]
+    client = ActionClient(any_server.target)
     for b in range(case.batch):
         with (
             client.open_session(case.name, seed=0) as full,
@@ -28,13 +29,16 @@ def test_one_step_at_a_time(client: ActionClient, case: GoldenCase) -> None:
             got_trim = [cut.get_action(case.step_record(b, s), temperature=0.0) for s in range(case.steps)]
         assert got == case.greedy(b)
         assert got_trim == case.greedy(b, trimmed=True)
+    client.close()
+    if "--decode-graphs" in any_server.args:
+        assert "fixed-shape decode for" in any_server.log  # the path under test really ran
 
 
-def test_all_rows_concurrently(golden_server: ServerProcess, case: GoldenCase) -> None:
+def test_all_rows_concurrently(any_server: ServerProcess, case: GoldenCase) -> None:
     """Rows driven at once from the asyncio client share forward passes."""
 
     async def drive() -> tuple[list[list[int]], list[list[int]]]:
-        async with AsyncActionClient(golden_server.target) as ac:
+        async with AsyncActionClient(any_server.target) as ac:
             rows = range(case.batch)
             full = await asyncio.gather(*(ac.open_session(case.name, temperature=0.0) for _ in rows))
             cut = await asyncio.gather(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import numpy as np
 import pytest
 
 from mouse_serve.config import ModelSpec

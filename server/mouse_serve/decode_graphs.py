@@ -1,0 +1,159 @@
+"""Fixed-shape decode steps, captured in CUDA graphs.
+
+When every item of a batch adds exactly one step, the forward can run on fixed shapes: rows
+`0..R-1` of the KV pool (R a power of two covering the batch's slots), each taking one step,
+attending over `L` positions (a power of two times 256 covering the longest sequence). Rows
+that are not in the batch write into the pool's scratch slot. On CUDA each (R, L) bucket is
+captured once in a CUDA graph and replayed with new inputs copied into its buffers, so a step
+costs a handful of copies, one replay and one device-to-host read of the actions. Elsewhere the
+same fixed-shape forward runs eagerly (tests use that to check its results on CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from mouse_core import KVCachePool, Model, sample_actions
+
+log = logging.getLogger(__name__)
+MIN_LENGTH_BUCKET = 256
+_FIELD_DTYPES = {"int": torch.int64, "float": torch.float32}
+
+
+def bucket_rows(count: int, limit: int) -> int:
+    """The smallest power of two >= `count`, at most `limit`."""
+    return min(1 << (count - 1).bit_length(), limit)
+
+
+def bucket_length(tokens: int, limit: int) -> int:
+    length = MIN_LENGTH_BUCKET
+    while length < tokens:
+        length *= 2
+    return min(length, limit)
+
+
+class DecodeGraph:
+    """One (rows, length) bucket: static input buffers, the plan, and (on CUDA) the graph."""
+
+    def __init__(self, model: Model, pool: KVCachePool, rows: int, length: int, capture: bool) -> None:
+        self.model, self.pool, self.rows = model, pool, rows
+        dev = model.device
+        self.plan = pool.decode_plan(rows, length, model.tokens_per_step)
+        self.steps = {
+            f.name: torch.zeros(
+                (rows, *f.per_step_shape),
+                dtype=torch.uint8 if f.name == "obs_image" else _FIELD_DTYPES[f.kind],
+                device=dev,
+            )
+            for f in model.step_schema.fields
+        }
+        self.temperature = torch.zeros(rows, device=dev)
+        self.num_actions = torch.full((rows,), model.max_num_actions, device=dev)
+        self.uniform = torch.zeros(rows, dtype=torch.float64, device=dev)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if capture:
+            self._capture()
+
+    @torch.inference_mode()
+    def _compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.model.score_steps(self.steps, self.pool, self.plan, None)
+        return scores, sample_actions(scores, self.temperature, self.num_actions, self.uniform)
+
+    def _capture(self) -> None:
+        # Scratch-only rows so warm-up and capture write nothing into live sequences.
+        self.plan.token_slot.fill_(self.pool.scratch_slot)
+        self.plan.positions.copy_(torch.arange(self.rows * self.plan.max_new) % self.plan.max_new)
+        self.plan.query_pos.copy_(torch.arange(self.plan.max_new).repeat(self.rows, 1))
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # warm-up: lazy initialisation must not happen during capture
+                self.plan.mask = None
+                self._compute()
+        torch.cuda.current_stream().wait_stream(side)
+        self.plan.mask = None
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = self._compute()
+
+    def run(
+        self,
+        slots: np.ndarray,
+        fields: dict[str, np.ndarray],
+        temperature: np.ndarray,
+        num_actions: np.ndarray,
+        uniform: np.ndarray,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step for `slots` (fields `[n, ...]`, in slot order); returns (scores, actions) `[rows]`."""
+        index = torch.from_numpy(slots)
+        for name, buffer in self.steps.items():
+            host = torch.zeros(buffer.shape, dtype=buffer.dtype)
+            host[index] = torch.from_numpy(fields[name]).to(buffer.dtype)
+            buffer.copy_(host, non_blocking=True)
+        for buffer, values in (
+            (self.temperature, temperature),
+            (self.num_actions, num_actions),
+            (self.uniform, uniform),
+        ):
+            host = torch.zeros(buffer.shape, dtype=buffer.dtype)
+            host[index] = torch.from_numpy(values).to(buffer.dtype)
+            buffer.copy_(host, non_blocking=True)
+        self.pool.fill_decode_plan(self.plan, slots)
+        if self.graph is None:
+            return self._compute()
+        self.graph.replay()
+        return self.outputs
+
+
+class DecodeGraphs:
+    """The buckets of one model runner, built on first use."""
+
+    def __init__(self, model: Model, pool: KVCachePool, capture: bool) -> None:
+        self.model, self.pool, self.capture = model, pool, capture
+        self._graphs: dict[tuple[int, int], DecodeGraph] = {}
+
+    def fits(self, slots: np.ndarray, num_steps: list[int], resets: list[bool]) -> bool:
+        """Whether a batch is a plain decode step the fixed shapes can take."""
+        tps = self.model.tokens_per_step
+        return (
+            all(n == 1 for n in num_steps)
+            and not any(resets)
+            and bool((self.pool.lengths[slots] + tps <= self.pool.max_tokens).all())
+        )
+
+    def run(
+        self,
+        slots: np.ndarray,
+        fields: dict[str, np.ndarray],
+        temperature: np.ndarray,
+        num_actions: np.ndarray,
+        uniform: np.ndarray,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step for `slots` (fields `[n, ...]`); returns (scores, actions) `[n]`."""
+        pool = self.pool
+        order = np.argsort(slots)
+        rows = bucket_rows(int(slots.max()) + 1, pool.num_slots + 1)
+        tokens = int(pool.lengths[slots].max()) + self.model.tokens_per_step
+        length = bucket_length(tokens, pool.max_tokens)
+        graph = self._graphs.get((rows, length))
+        if graph is None:
+            log.info(
+                "fixed-shape decode for %d rows x %d tokens (%s)",
+                rows,
+                length,
+                "CUDA graph" if self.capture else "eager",
+            )
+            graph = self._graphs[(rows, length)] = DecodeGraph(self.model, pool, rows, length, self.capture)
+        scores, actions = graph.run(
+            slots[order],
+            {k: v[order] for k, v in fields.items()},
+            temperature[order],
+            num_actions[order],
+            uniform[order],
+        )
+        pool.commit(graph.plan)
+        index = torch.from_numpy(slots).to(scores.device)
+        return scores[index], actions[index]
