@@ -155,6 +155,8 @@ def test_fixed_shape_decode_plan_matches_running_alone(model: Model) -> None:
         for slot in batch:
             old = seqs.history[slot]
             seqs.history[slot] = {n: torch.cat([old[n], fresh[n][slot : slot + 1]]) for n in fresh}
-            torch.testing.assert_close(scores[slot], alone_scores(model, seqs.history[slot]), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(
+                scores[slot], alone_scores(model, seqs.history[slot]), rtol=1e-4, atol=1e-5
+            )
             assert seqs.pool.lengths[slot] == seqs.history[slot]["action"].shape[0] * tps
     seqs.step({slots[0]: 1, slots[2]: 1, slots[3]: 2})  # the ragged path still agrees afterwards
