@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +16,7 @@ from mouse_client.errors import ActionError
 from mouse_client.routing import SESSION_HEADER, HashRing, routing_key
 from mouse_client.steps import StepRecords, as_record_list, encode_steps
 from mouse_client.v1 import action_service_pb2 as pb
+from mouse_client.v1 import action_service_pb2_grpc as pb_grpc
 
 POLICIES = {
     None: pb.CONTEXT_POLICY_UNSPECIFIED,
@@ -132,6 +133,60 @@ class ChannelConfig:
 
     def target_for(self, session_id: str) -> str:
         return self.ring.target(routing_key(session_id))
+
+
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+class ClientBase:
+    """Connection settings and per-target stubs, shared by the blocking and the asyncio client.
+
+    `token` is sent as `authorization: Bearer <token>`; TLS is used when `tls=True` or any of
+    `root_certificates`, `private_key`, `certificate_chain` (PEM bytes) is given. With several
+    targets, sessions are sharded over them by consistent hashing of their routing key.
+    """
+
+    _secure_channel: Callable[..., Any]
+    _insecure_channel: Callable[..., Any]
+
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        *,
+        token: str | None = None,
+        tls: bool | None = None,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        retry: RetryPolicy | None = None,
+        timeout_s: float | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.config = ChannelConfig.build(
+            target,
+            token=token,
+            tls=tls,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+            max_message_bytes=max_message_bytes,
+        )
+        self.retry = retry or RetryPolicy()
+        self.timeout_s = timeout_s
+        self._channels: dict[str, Any] = {}
+        self._stubs: dict[str, pb_grpc.ActionServiceStub] = {}
+
+    def stub(self, session_id: str | None = None) -> pb_grpc.ActionServiceStub:
+        """The stub of the target that holds `session_id` (the first target when None)."""
+        target = self.config.target_for(session_id) if session_id else self.config.targets[0]
+        if target not in self._stubs:
+            if self.config.tls:
+                channel = self._secure_channel(target, self.config.credentials(), options=self.config.options)
+            else:
+                channel = self._insecure_channel(target, options=self.config.options)
+            self._channels[target] = channel
+            self._stubs[target] = pb_grpc.ActionServiceStub(channel)
+        return self._stubs[target]
 
 
 class StepHistory:

@@ -10,7 +10,7 @@ from typing import TypeVar
 import grpc
 
 from mouse_client._core import (
-    ChannelConfig,
+    ClientBase,
     RetryPolicy,
     SessionOptions,
     SessionState,
@@ -18,58 +18,19 @@ from mouse_client._core import (
     encode,
     raise_item_error,
 )
-from mouse_client.client import DEFAULT_MAX_MESSAGE_BYTES
 from mouse_client.errors import ActionError
 from mouse_client.routing import new_session_id
 from mouse_client.steps import StepRecords
 from mouse_client.v1 import action_service_pb2 as pb
-from mouse_client.v1 import action_service_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 
 
-class AsyncActionClient:
+class AsyncActionClient(ClientBase):
     """asyncio twin of `ActionClient`; use it as `async with AsyncActionClient(...) as c:`."""
 
-    def __init__(
-        self,
-        target: str | Sequence[str],
-        *,
-        token: str | None = None,
-        tls: bool | None = None,
-        root_certificates: bytes | None = None,
-        private_key: bytes | None = None,
-        certificate_chain: bytes | None = None,
-        retry: RetryPolicy | None = None,
-        timeout_s: float | None = None,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    ) -> None:
-        self.config = ChannelConfig.build(
-            target,
-            token=token,
-            tls=tls,
-            root_certificates=root_certificates,
-            private_key=private_key,
-            certificate_chain=certificate_chain,
-            max_message_bytes=max_message_bytes,
-        )
-        self.retry = retry or RetryPolicy()
-        self.timeout_s = timeout_s
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._stubs: dict[str, pb_grpc.ActionServiceStub] = {}
-
-    def stub(self, session_id: str | None = None) -> pb_grpc.ActionServiceStub:
-        target = self.config.target_for(session_id) if session_id else self.config.targets[0]
-        if target not in self._stubs:
-            if self.config.tls:
-                channel = grpc.aio.secure_channel(
-                    target, self.config.credentials(), options=self.config.options
-                )
-            else:
-                channel = grpc.aio.insecure_channel(target, options=self.config.options)
-            self._channels[target] = channel
-            self._stubs[target] = pb_grpc.ActionServiceStub(channel)
-        return self._stubs[target]
+    _secure_channel = staticmethod(grpc.aio.secure_channel)
+    _insecure_channel = staticmethod(grpc.aio.insecure_channel)
 
     async def call(self, fn: Callable[[], Awaitable[T]], retry: RetryPolicy | None = None) -> T:
         policy = retry or self.retry

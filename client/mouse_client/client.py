@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 
 from mouse_client._core import (
-    ChannelConfig,
+    ClientBase,
     RetryPolicy,
     SessionOptions,
     SessionState,
@@ -23,59 +23,16 @@ from mouse_client.errors import ActionError
 from mouse_client.routing import new_session_id
 from mouse_client.steps import StepRecords
 from mouse_client.v1 import action_service_pb2 as pb
-from mouse_client.v1 import action_service_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
-DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
-class ActionClient:
-    """A connection to one mouse-serve target, or several (sessions are then sharded over them
-    by consistent hashing of their routing key).
+class ActionClient(ClientBase):
+    """A blocking connection to one mouse-serve target, or several (sessions are then sharded
+    over them); see `ClientBase` for the options."""
 
-    `token` is sent as `authorization: Bearer <token>`; TLS is used when `tls=True` or any of
-    `root_certificates`, `private_key`, `certificate_chain` (PEM bytes) is given.
-    """
-
-    def __init__(
-        self,
-        target: str | Sequence[str],
-        *,
-        token: str | None = None,
-        tls: bool | None = None,
-        root_certificates: bytes | None = None,
-        private_key: bytes | None = None,
-        certificate_chain: bytes | None = None,
-        retry: RetryPolicy | None = None,
-        timeout_s: float | None = None,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    ) -> None:
-        self.config = ChannelConfig.build(
-            target,
-            token=token,
-            tls=tls,
-            root_certificates=root_certificates,
-            private_key=private_key,
-            certificate_chain=certificate_chain,
-            max_message_bytes=max_message_bytes,
-        )
-        self.retry = retry or RetryPolicy()
-        self.timeout_s = timeout_s
-        self._channels: dict[str, grpc.Channel] = {}
-        self._stubs: dict[str, pb_grpc.ActionServiceStub] = {}
-
-    # -- plumbing ---------------------------------------------------------------------------
-    def stub(self, session_id: str | None = None) -> pb_grpc.ActionServiceStub:
-        """The stub of the target that holds `session_id` (the first target when None)."""
-        target = self.config.target_for(session_id) if session_id else self.config.targets[0]
-        if target not in self._stubs:
-            if self.config.tls:
-                channel = grpc.secure_channel(target, self.config.credentials(), options=self.config.options)
-            else:
-                channel = grpc.insecure_channel(target, options=self.config.options)
-            self._channels[target] = channel
-            self._stubs[target] = pb_grpc.ActionServiceStub(channel)
-        return self._stubs[target]
+    _secure_channel = staticmethod(grpc.secure_channel)
+    _insecure_channel = staticmethod(grpc.insecure_channel)
 
     def call(self, fn: Callable[[], T], retry: RetryPolicy | None = None) -> T:
         """Run `fn`, retrying transient failures; raises `ActionError`."""
