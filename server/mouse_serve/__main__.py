@@ -28,6 +28,9 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
     limit_malloc_arenas()
+    # oneDNN keeps a compiled kernel per linear shape it has seen, and ragged batches produce many
+    # shapes: bound that cache (read when torch loads oneDNN, so before the import below).
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -53,17 +53,13 @@ class TokenAuth:
         except OSError as exc:
             log.warning("cannot re-read token file %s (%s); keeping the current tokens", self.path, exc)
 
-    def owner(self, context: grpc.aio.ServicerContext) -> str:
-        """The owner id of the request's bearer token; UNAUTHENTICATED without a valid one."""
-        header = None
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization":
-                header = value if isinstance(value, str) else value.decode()
-        if header is None:
+    def owner(self, authorization: str | None) -> str:
+        """The owner id of an `authorization` header's bearer token; UNAUTHENTICATED otherwise."""
+        if authorization is None:
             raise ServiceError(
                 grpc.StatusCode.UNAUTHENTICATED, "missing 'authorization: Bearer <token>' metadata."
             )
-        scheme, _, token = header.partition(" ")
+        scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise ServiceError(
                 grpc.StatusCode.UNAUTHENTICATED, "the authorization metadata must be 'Bearer <token>'."

@@ -115,14 +115,10 @@ class DecodeGraphs:
         self.model, self.pool, self.capture = model, pool, capture
         self._graphs: dict[tuple[int, int], DecodeGraph] = {}
 
-    def fits(self, slots: np.ndarray, num_steps: list[int], resets: list[bool]) -> bool:
-        """Whether a batch is a plain decode step the fixed shapes can take."""
-        tps = self.model.tokens_per_step
-        return (
-            all(n == 1 for n in num_steps)
-            and not any(resets)
-            and bool((self.pool.lengths[slots] + tps <= self.pool.max_tokens).all())
-        )
+    def fits(self, slots: np.ndarray, num_steps: np.ndarray) -> bool:
+        """Whether a batch is a plain decode step (one step per session) that fits the pool."""
+        room = self.pool.lengths[slots] + self.model.tokens_per_step <= self.pool.max_tokens
+        return bool((num_steps == 1).all() and room.all())
 
     def run(
         self,

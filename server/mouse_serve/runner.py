@@ -156,8 +156,8 @@ class ModelRunner:
         return sum(p.numel() for p in self.model.parameters())
 
     # -- compute (runner thread) ------------------------------------------------------------
-    def _to_device(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        return {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in arrays.items()}
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(self.device, non_blocking=True)
 
     def _use_threads(self, tokens: int) -> None:
         if self.device.type == "cpu":
@@ -175,7 +175,8 @@ class ModelRunner:
             # Long prefills run their leading chunks alone; the last chunk joins the batch.
             for start in range(0, item.num_steps - chunk, chunk):
                 part = {k: v[start : start + chunk] for k, v in item.steps.items()}
-                model.forward_batch(self._to_device(part), pool, np.array([item.slot]), np.array([chunk]))
+                part = {k: self._tensor(v) for k, v in part.items()}
+                model.forward_batch(part, pool, np.array([item.slot]), np.array([chunk]))
         tails = [(item.num_steps - 1) // chunk * chunk for item in items]
         packed = {
             name: np.concatenate([item.steps[name][tail:] for item, tail in zip(items, tails, strict=True)])
@@ -187,11 +188,13 @@ class ModelRunner:
         num_actions = np.array([i.num_actions for i in items], dtype=np.int64)
         uniform = counter_uniform([i.seed for i in items], [i.seq for i in items])
         with torch.inference_mode():
-            if self.graphs is not None and self.graphs.fits(slots, counts, [i.reset for i in items]):
+            if self.graphs is not None and self.graphs.fits(slots, counts):
                 scores, actions = self.graphs.run(slots, packed, temperature, num_actions, uniform)
             else:
-                scores = model.forward_batch(self._to_device(packed), pool, slots, counts)
-                actions = sample_actions(scores, *self._to_device_all(temperature, num_actions, uniform))
+                steps = {k: self._tensor(v) for k, v in packed.items()}
+                scores = model.forward_batch(steps, pool, slots, counts)
+                draws = (self._tensor(a) for a in (temperature, num_actions, uniform))
+                actions = sample_actions(scores, *draws)
         actions_host = actions.cpu().numpy()
         scores_host = scores.cpu().numpy() if any(i.want_scores for i in items) else None
         return [
@@ -203,6 +206,3 @@ class ModelRunner:
             )
             for j, item in enumerate(items)
         ]
-
-    def _to_device_all(self, *arrays: np.ndarray) -> list[torch.Tensor]:
-        return [torch.from_numpy(a).to(self.device, non_blocking=True) for a in arrays]

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import signal
+import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -24,6 +26,14 @@ from mouse_serve.sessions import ContextPolicy, SessionManager
 log = logging.getLogger("mouse_serve")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ActionService"].full_name
 EXPIRY_INTERVAL_S = 1.0
+TRIM_INTERVAL_S = 30.0
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc), so ever-changing tensor shapes do not
+    ratchet resident memory up; a no-op elsewhere."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def load_runners(config: ServerConfig) -> dict[str, ModelRunner]:
@@ -72,7 +82,7 @@ class Server:
         self.service = ActionService(
             self.sessions,
             max_steps_per_request=config.max_steps_per_request,
-            owner_of=self.auth.owner if self.auth else (lambda context: None),
+            auth=self.auth,
         )
         self.health = health.aio.HealthServicer()
         self.grpc = grpc.aio.server(
@@ -125,11 +135,16 @@ class Server:
         return self.port
 
     async def _expire_loop(self) -> None:
+        """Once a second: expire idle sessions, re-read the token file; now and then trim the heap."""
+        trimmed = time.monotonic()
         while True:
             await asyncio.sleep(EXPIRY_INTERVAL_S)
             self.sessions.expire_idle()
             if self.auth is not None:
                 self.auth.reload_if_changed()
+            if time.monotonic() - trimmed > TRIM_INTERVAL_S:
+                release_free_memory()
+                trimmed = time.monotonic()
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop serving: health NOT_SERVING, no new sessions, in-flight calls get `grace_s`."""

@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError, Message
 
 from mouse_client.v1 import action_service_pb2 as pb
 from mouse_client.v1 import action_service_pb2_grpc as pb_grpc
+from mouse_serve.auth import TokenAuth
 from mouse_serve.codec import action_reply, decode_steps, model_info, open_reply
 from mouse_serve.errors import ServiceError, invalid, unavailable
 from mouse_serve.sessions import SessionManager, SessionSettings
@@ -26,8 +27,6 @@ from mouse_serve.sessions import SessionManager, SessionSettings
 log = logging.getLogger(__name__)
 SESSION_HEADER = "mouse-session-id"
 T = TypeVar("T")
-
-Owner = Callable[[grpc.aio.ServicerContext], str | None]
 
 
 def _status(exc: Exception) -> ServiceError:
@@ -95,12 +94,12 @@ class ActionService(pb_grpc.ActionServiceServicer):
         sessions: SessionManager,
         *,
         max_steps_per_request: int,
-        owner_of: Owner = lambda context: None,
+        auth: TokenAuth | None = None,
     ) -> None:
         self.sessions = sessions
         self.metrics = sessions.metrics
         self.max_steps_per_request = max_steps_per_request
-        self.owner_of = owner_of
+        self.auth = auth
         self.draining = False
 
     # -- helpers ------------------------------------------------------------------------------
@@ -114,7 +113,7 @@ class ActionService(pb_grpc.ActionServiceServicer):
         """Authenticate, run `handler(owner)`, count and time it, turn errors into the status."""
         started = time.perf_counter()
         try:
-            owner = self.owner_of(context)
+            owner = self._owner(context)
             if isinstance(request, Malformed):
                 raise invalid(request.message)
             reply = await handler(owner)
@@ -138,6 +137,10 @@ class ActionService(pb_grpc.ActionServiceServicer):
             return None, pb.RequestError(code=err.code.value[0], message=err.message)
         self.metrics.observe_request(method, "OK", time.perf_counter() - started)
         return reply, None
+
+    def _owner(self, context: grpc.aio.ServicerContext) -> str | None:
+        """The session owner of the call's bearer token (None without authentication)."""
+        return self.auth.owner(_header(context, "authorization")) if self.auth else None
 
     def _check_header(self, context: grpc.aio.ServicerContext, session_id: str) -> None:
         header = _header(context, SESSION_HEADER)
@@ -225,7 +228,7 @@ class ActionService(pb_grpc.ActionServiceServicer):
         self, request_iterator: AsyncIterator[pb.StreamActionsRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamActionsResponse]:
         try:
-            owner = self.owner_of(context)
+            owner = self._owner(context)
         except ServiceError as err:
             self.metrics.observe_request("StreamActions", err.code.name, 0.0)
             await context.abort(err.code, err.message)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import secrets
 import time
@@ -32,6 +33,14 @@ from mouse_serve.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 SESSION_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+def check_sampling(temperature: float | None, num_actions: int | None, max_num_actions: int) -> None:
+    """INVALID_ARGUMENT unless the sampling settings are usable (None = keep the default)."""
+    if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
+        raise invalid(f"temperature must be a finite number >= 0, got {temperature}.")
+    if num_actions is not None and not 1 <= num_actions <= max_num_actions:
+        raise invalid(f"num_actions must be in [1, {max_num_actions}], got {num_actions}.")
 
 
 class ContextPolicy(IntEnum):
@@ -160,12 +169,7 @@ class SessionManager:
     def open(self, settings: SessionSettings, owner: str | None) -> Session:
         runner = self.runner(settings.model)
         model = runner.model
-        if settings.temperature is not None and not (
-            np.isfinite(settings.temperature) and settings.temperature >= 0
-        ):
-            raise invalid(f"temperature must be a finite number >= 0, got {settings.temperature}.")
-        if settings.num_actions is not None and not 1 <= settings.num_actions <= model.max_num_actions:
-            raise invalid(f"num_actions must be in [1, {model.max_num_actions}], got {settings.num_actions}.")
+        check_sampling(settings.temperature, settings.num_actions, model.max_num_actions)
         limit = runner.max_context_steps
         if settings.max_context_steps is not None and not 1 <= settings.max_context_steps <= limit:
             raise invalid(
@@ -268,11 +272,7 @@ class SessionManager:
         deadline: float | None = None,
     ) -> ActionResult:
         """Apply `steps` to the session in order and return the action for the last one."""
-        runner = self.runners[session.model]
-        if temperature is not None and not (np.isfinite(temperature) and temperature >= 0):
-            raise invalid(f"temperature must be a finite number >= 0, got {temperature}.")
-        if num_actions is not None and not 1 <= num_actions <= runner.model.max_num_actions:
-            raise invalid(f"num_actions must be in [1, {runner.model.max_num_actions}], got {num_actions}.")
+        check_sampling(temperature, num_actions, self.runners[session.model].model.max_num_actions)
         async with session.lock:
             if session.closed:
                 raise not_found(f"session {session.id!r} was closed.")
@@ -291,11 +291,18 @@ class SessionManager:
                     f"seq {seq} skips ahead: the session is at seq {session.last_seq}; send seq {session.last_seq + 1}."
                 )
 
-            item, truncated = self._plan(session, steps, num_steps)
-            item.temperature = session.temperature if temperature is None else float(temperature)
-            item.num_actions = num_actions or session.num_actions
-            item.seed, item.seq = session.seed, seq
-            item.want_scores = want_scores
+            window, total, reset, truncated = self._window(session, steps, num_steps)
+            item = WorkItem(
+                slot=session.slot,
+                steps=window,
+                num_steps=total,
+                reset=reset,
+                temperature=session.temperature if temperature is None else float(temperature),
+                num_actions=num_actions or session.num_actions,
+                seed=session.seed,
+                seq=seq,
+                want_scores=want_scores,
+            )
             scheduler = self.schedulers[session.model]
             pending = scheduler.submit(item, deadline)
             try:
@@ -342,8 +349,14 @@ class SessionManager:
         session.last_used = time.monotonic()
         return session.last_reply
 
-    def _plan(self, session: Session, steps: dict[str, np.ndarray], n: int) -> tuple[WorkItem, bool]:
-        """The work item for `n` new steps, re-prefilling history at the context limit."""
+    def _window(
+        self, session: Session, steps: dict[str, np.ndarray], n: int
+    ) -> tuple[dict[str, np.ndarray], int, bool, bool]:
+        """The steps to feed for `n` new ones: (steps, count, reset first, context truncated).
+
+        At the context limit the history is re-prefilled per the session's policy; after a
+        failed forward (`resync`) the kept history is replayed in front of the new steps.
+        """
         limit = session.max_context_steps
         prefix = 0
         truncated = False
@@ -368,5 +381,4 @@ class SessionManager:
         if total > limit:  # a prefill longer than the context keeps its most recent steps
             steps = {k: v[total - limit :] for k, v in steps.items()}
             total, reset, truncated = limit, True, True
-        item = WorkItem(session.slot, steps, total, reset, 0.0, 0, 0, 0, False)
-        return item, truncated
+        return steps, total, reset, truncated
