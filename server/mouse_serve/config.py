@@ -46,7 +46,7 @@ class ServerConfig:
     idle_timeout_s: float = 600.0
     context_policy: str = "sliding"
     max_batch_tokens: int = 8192
-    max_batch_wait_s: float = 0.005
+    max_batch_wait_s: float = 0.010
     threads: int = 0  # 0: all cores
     decode_graphs: str = "auto"
     prefill_chunk_steps: int = 256
@@ -130,9 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "max-batch-wait-ms",
         float,
-        5.0,
-        "longest wait for more sessions' steps before a forward (only while fewer steps are queued "
-        "than sessions recently active; at most half a typical forward); 0 = never wait",
+        10.0,
+        "longest wait before a forward for sessions whose next step is due (from their usual "
+        "turnaround; at most half a typical forward); 0 = never wait",
     )
     add("prefill-chunk-steps", int, 256, "long prefills run in chunks of this many steps")
     add("max-steps-per-request", int, 4096, "most steps one GetAction may carry")

@@ -5,10 +5,11 @@ session at most: a session lock keeps a second one out until the first is answer
 padded-token budget, runs them as one ragged batch on the runner's thread, and resolves each
 item's future. The event loop keeps accepting and queueing requests meanwhile.
 
-Before a forward it may wait briefly for stragglers: when fewer steps are queued than sessions
-stepped in the last second, it waits up to `max_batch_wait_s` (and at most half a typical
-forward) for the rest, so a population of workers converges on full batches instead of
-alternating half batches.
+Before a forward it may wait briefly for stragglers. Each session's turnaround (from its reply
+to its next step) is tracked; sessions whose next step is due within `max_batch_wait_s` (at
+most half a typical forward) are waited for, so a population of workers converges on full
+batches instead of alternating half batches, while a client that steps its sessions one after
+another (whose next steps are not due yet) is never kept waiting.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from mouse_serve.errors import deadline_exceeded
 from mouse_serve.runner import ModelRunner, WorkItem, WorkResult
 
 log = logging.getLogger(__name__)
-RECENT_S = 1.0  # a session that stepped this recently is expected to step again soon
+OVERDUE = 2.0  # a session later than twice its usual turnaround has stopped stepping for now
 
 
 @dataclass
@@ -61,7 +62,8 @@ class Scheduler:
         self.runner = runner
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_wait_s = max_batch_wait_s
-        self._last_step: dict[int, float] = {}  # slot -> when it last submitted
+        self._replied: dict[int, float] = {}  # slot -> when its last step was answered
+        self._turnaround: dict[int, float] = {}  # slot -> moving average of reply-to-next-step
         self._forward_s = 0.0  # moving average of one forward
         self._on_batch = on_batch
         self._queue: deque[_Pending] = deque()
@@ -90,7 +92,11 @@ class Scheduler:
         future: asyncio.Future[WorkResult] = asyncio.get_running_loop().create_future()
         pending = _Pending(item, future, deadline)
         self._queue.append(pending)
-        self._last_step[item.slot] = pending.queued_at
+        replied = self._replied.pop(item.slot, None)
+        if replied is not None:
+            gap = pending.queued_at - replied
+            previous = self._turnaround.get(item.slot, gap)
+            self._turnaround[item.slot] = 0.5 * previous + 0.5 * gap
         self._wake.set()
         return future
 
@@ -131,14 +137,20 @@ class Scheduler:
         return batch
 
     async def _await_stragglers(self) -> None:
-        """Wait a little while fewer steps are queued than sessions are active."""
+        """Wait (briefly) for sessions whose next step is due about now."""
         budget = min(self.max_batch_wait_s, 0.5 * self._forward_s)
         if budget <= 0:
             return
         now = time.monotonic()
-        self._last_step = {slot: t for slot, t in self._last_step.items() if now - t < RECENT_S}
-        deadline = now + budget
-        while len(self._queue) < len(self._last_step) and (left := deadline - time.monotonic()) > 0:
+        due = 0
+        for slot, replied in list(self._replied.items()):
+            turnaround = self._turnaround.get(slot, float("inf"))
+            if replied + OVERDUE * turnaround < now - budget:
+                del self._replied[slot]
+            elif replied + turnaround <= now + budget:
+                due += 1
+        wanted, deadline = len(self._queue) + due, now + budget
+        while len(self._queue) < wanted and (left := deadline - time.monotonic()) > 0:
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), left)
@@ -168,9 +180,11 @@ class Scheduler:
                 continue
             finally:
                 self.busy = False
-            elapsed = time.monotonic() - started
+            done = time.monotonic()
+            elapsed = done - started
             self._forward_s = elapsed if not self._forward_s else 0.9 * self._forward_s + 0.1 * elapsed
             for p, result in zip(batch, results, strict=True):
+                self._replied[p.item.slot] = done
                 if not p.future.done():
                     p.future.set_result(result)
             if self._on_batch is not None:

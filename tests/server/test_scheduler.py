@@ -34,7 +34,9 @@ def run(coro: object) -> object:
 
 
 def test_waits_for_stragglers_then_runs_one_batch(runner: ModelRunner) -> None:
-    async def scenario(wait_s: float) -> list[int]:
+    """Sessions that answer fast are waited for; a session whose next step is not due is not."""
+
+    async def scenario(wait_s: float, late_s: float) -> list[int]:
         sizes: list[int] = []
         scheduler = Scheduler(
             runner, max_batch_tokens=4096, max_batch_wait_s=wait_s, on_batch=lambda b: sizes.append(b.size)
@@ -42,20 +44,22 @@ def test_waits_for_stragglers_then_runs_one_batch(runner: ModelRunner) -> None:
         scheduler.start()
         slots = [runner.pool.allocate() for _ in range(4)]
         try:
-            await asyncio.gather(*(scheduler.submit(item(runner, s)) for s in slots))  # all 4 are now active
+            for _ in range(2):  # two quick rounds: every session's turnaround is ~0
+                await asyncio.gather(*(scheduler.submit(item(runner, s)) for s in slots))
             scheduler._forward_s = 1.0  # a slow model: waiting is worth up to wait_s
             first = [scheduler.submit(item(runner, s)) for s in slots[:2]]
-            await asyncio.sleep(0.02)  # two workers are late
+            await asyncio.sleep(late_s)  # two workers are late
             rest = [scheduler.submit(item(runner, s)) for s in slots[2:]]
             await asyncio.gather(*first, *rest)
         finally:
             for s in slots:
                 runner.pool.free(s)
             await scheduler.stop()
-        return sizes
+        return sizes[2:]
 
-    assert run(scenario(0.2)) == [4, 4]  # waited for the late two
-    assert run(scenario(0.0)) == [4, 2, 2]  # never waits
+    assert run(scenario(0.2, 0.02)) == [4]  # waited for the late two
+    assert run(scenario(0.0, 0.02)) == [2, 2]  # never waits
+    assert run(scenario(0.05, 0.3)) == [2, 2]  # waited 50 ms at most, then went ahead
 
 
 def test_token_budget_splits_batches_and_long_prefills_run_in_chunks(runner: ModelRunner) -> None:
