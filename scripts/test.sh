@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
-[ -x node_modules/.bin/buf ] || npm ci --no-fund --no-audit --loglevel=error
+source scripts/setup_test_tools.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/python -m pytest "$@"

@@ -26,11 +26,14 @@ BIN = Path(sys.executable).parent
 
 
 def tool(name: str) -> str:
-    """A tool installed by scripts/setup.sh: in the venv (pip packages) or on the system."""
+    """A tool the test setup installs (scripts/setup.sh, scripts/setup_test_tools.sh): in the venv
+    (pip packages) or on the system."""
     for candidate in (BIN / name, shutil.which(name), Path("/usr/sbin") / name):
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return str(candidate)
-    raise AssertionError(f"{name} is not installed: run `bash scripts/setup.sh` (it installs it).")
+    raise AssertionError(
+        f"{name} is not installed: run `bash scripts/setup.sh` and `bash scripts/setup_test_tools.sh`."
+    )
 
 
 def free_port() -> int:
