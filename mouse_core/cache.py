@@ -8,6 +8,9 @@ One forward advances any subset of slots by any number of tokens (ragged). `plan
 (slots, new token counts) into index tensors once per forward; every layer then writes its new
 K/V into the slots and attends over them. When the batch's slots are a dense range, attention
 reads a strided view of the pool (no copy); a sparse batch gathers only its own slots.
+
+`decode_plan()` is the fixed-shape variant for CUDA graphs: one step in every row of a range,
+rows outside the batch writing into one extra scratch slot at the end of the pool.
 """
 
 from __future__ import annotations
