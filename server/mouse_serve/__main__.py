@@ -28,12 +28,12 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
     limit_malloc_arenas()
-    # oneDNN (and ideep, PyTorch's wrapper around it, for the pre-packed linears) keep a primitive
-    # with its buffers per input shape they have seen, 1,024 of them by default; ragged batches
-    # produce many shapes, so resident memory would creep up by hundreds of MiB over an hour.
-    # Bound both caches (read when torch loads oneDNN, so before the import below).
+    # oneDNN, and ideep (PyTorch's wrapper around it for the pre-packed linears), keep a primitive
+    # with its buffers per input shape, 1,024 of them by default. The model packs only a bounded
+    # set of shapes (see mouse_core.model.PACKED_MAX_ROWS); the caps make sure resident memory
+    # cannot creep up by hundreds of MiB anyway. Read when torch loads oneDNN: before the import.
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
-    os.environ.setdefault("LRU_CACHE_CAPACITY", "128")
+    os.environ.setdefault("LRU_CACHE_CAPACITY", "256")
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

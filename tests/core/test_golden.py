@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tensordict import TensorDict
 
 from mouse_core import load_model
+from mouse_core.model import Linear, can_pack_weights
 from tests.helpers import GoldenCase, golden_cases
 
 CASES = golden_cases()
@@ -77,3 +79,17 @@ def test_packed_weights_match(case: GoldenCase) -> None:
         torch.testing.assert_close(out[key], case.expected[f"full.{key}"], **case.tolerance)
     model.to(torch.float32)  # moving the model drops the packed copies
     assert all(getattr(m, "packed", None) is None for m in model.modules())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("rows", [1, 3, 8, 150, 192, 256, 300])
+def test_packed_linear_matches_plain(rows: int) -> None:
+    """Packed and plain rows (see PACKED_MAX_ROWS / PACKED_ROW_STEP) give the plain results, in any layout."""
+    torch.manual_seed(rows)
+    layer = Linear(96, 40)
+    expected = F.linear(x := torch.randn(rows, 3, 96).transpose(0, 1), layer.weight, layer.bias)
+    if not can_pack_weights(layer.weight.device, layer.weight.dtype):
+        pytest.skip("oneDNN weight packing is not available in this torch build")
+    layer.packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight, 3)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x[0]), expected[0], rtol=1e-5, atol=1e-5)
