@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from protocol import Feed, rss_bytes, summarize
+from protocol import Feed, rss_bytes, summarize, summarize_histories
 
 from mouse_core import counter_uniform, load_model, sample_actions
 
@@ -97,11 +97,7 @@ def history_costs(
             t1 = time.perf_counter()
             if i >= warmup:
                 times[j].append(t1 - t0)
-    out = {}
-    for h, ts in zip(histories, times, strict=True):
-        out[str(h)] = summarize(ts)
-        out[str(h)].update(history_start=h + warmup, history_end=h + warmup + measure)
-    return out
+    return summarize_histories(histories, times, warmup, measure)
 
 
 def kv_memory(model, steps: int, sessions: int, geometry: dict) -> dict:

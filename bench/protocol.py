@@ -76,6 +76,17 @@ def summarize(samples_s: list[float] | np.ndarray, actions_per_sample: int = 1) 
     }
 
 
+def summarize_histories(
+    histories: list[int], times: list[list[float]], warmup: int, measure: int
+) -> dict[str, dict[str, Any]]:
+    """e: `summarize` of each history length's step times, keyed by the length, with the history
+    the measured steps ran at."""
+    out = {}
+    for h, ts in zip(histories, times, strict=True):
+        out[str(h)] = {**summarize(ts), "history_start": h + warmup, "history_end": h + warmup + measure}
+    return out
+
+
 def rss_bytes(pid: int | str = "self") -> int:
     """Resident set size of a process (Linux /proc), 0 where unavailable."""
     try:

@@ -19,7 +19,7 @@ import torch
 from tensordict import TensorDict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from protocol import Feed, summarize
+from protocol import Feed, summarize, summarize_histories
 
 
 def _step(cols: dict, s: slice, batch: int, actions: torch.Tensor, dev: torch.device) -> TensorDict:
@@ -75,11 +75,7 @@ def history_costs(
             t1 = time.perf_counter()
             if i >= warmup:
                 times[j].append(t1 - t0)
-    result = {}
-    for h, ts in zip(histories, times, strict=True):
-        result[str(h)] = summarize(ts)
-        result[str(h)].update(history_start=h + warmup, history_end=h + warmup + measure)
-    return result
+    return summarize_histories(histories, times, warmup, measure)
 
 
 def main() -> int:

@@ -89,15 +89,9 @@ class DecodeGraph:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One step for `slots` (fields `[n, ...]`, in slot order); returns (scores, actions) `[rows]`."""
         index = torch.from_numpy(slots)
-        for name, buffer in self.steps.items():
-            host = torch.zeros(buffer.shape, dtype=buffer.dtype)
-            host[index] = torch.from_numpy(fields[name]).to(buffer.dtype)
-            buffer.copy_(host, non_blocking=True)
-        for buffer, values in (
-            (self.temperature, temperature),
-            (self.num_actions, num_actions),
-            (self.uniform, uniform),
-        ):
+        inputs = [(buffer, fields[name]) for name, buffer in self.steps.items()]
+        inputs += [(self.temperature, temperature), (self.num_actions, num_actions), (self.uniform, uniform)]
+        for buffer, values in inputs:
             host = torch.zeros(buffer.shape, dtype=buffer.dtype)
             host[index] = torch.from_numpy(values).to(buffer.dtype)
             buffer.copy_(host, non_blocking=True)
