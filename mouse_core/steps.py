@@ -7,7 +7,8 @@ numpy arrays against the same schema before a request reaches a session.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal
@@ -76,21 +77,35 @@ class StepSchema:
         raise KeyError(name)
 
 
-def check_values(spec: FieldSpec, values: np.ndarray | torch.Tensor) -> None:
-    """Raise `StepValidationError` unless every value is in range (ints) or finite (floats)."""
+def check_values(spec: FieldSpec, values: np.ndarray | torch.Tensor | Sequence[float]) -> None:
+    """Raise `StepValidationError` unless every value is in range (ints) or finite (floats).
+
+    A flat sequence of Python numbers (a few values, as protobuf hands them over) is checked
+    without numpy, whose per-call cost would dominate for a single step.
+    """
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu()
         values = (values.float() if spec.kind == "float" else values.long()).numpy()
-    if values.size == 0:
-        return
+    if isinstance(values, np.ndarray):
+        if values.size == 0:
+            return
+        if spec.kind == "float":
+            finite = np.isfinite(values)
+            bad = None if finite.all() else values[~finite].reshape(-1)[0]
+        else:
+            lo, hi = int(values.min()), int(values.max())
+    else:
+        if len(values) == 0:
+            return
+        if spec.kind == "float":
+            bad = next((v for v in values if not math.isfinite(v)), None)
+        else:
+            lo, hi = min(values), max(values)
     if spec.kind == "float":
-        finite = np.isfinite(values)
-        if not finite.all():
-            bad = values[~finite].reshape(-1)[0]
+        if bad is not None:
             raise StepValidationError(spec.name, f"got {bad}; expected finite floats.")
         return
     assert spec.high is not None
-    lo, hi = int(values.min()), int(values.max())
     if lo < 0 or hi >= spec.high:
         raise StepValidationError(
             spec.name, f"got {lo if lo < 0 else hi}; expected an integer in [0, {spec.high})."
