@@ -96,7 +96,7 @@ class ModelRunner:
         self.packed = model.pack_weights()
         self.load_seconds = 0.0
         self.max_threads = threads or torch.get_num_threads()
-        self._flops_per_token = 2 * sum(p.numel() for p in model.parameters())
+        self._flops_per_token = 2 * self.num_parameters
         cuda = self.device.type == "cuda"
         use_graphs = decode_graphs == "on" or (decode_graphs == "auto" and cuda)
         self.graphs = (
