@@ -74,11 +74,11 @@ def add_to_server(service: ActionService, server: grpc.aio.Server) -> None:
     handlers = {}
     for method in descriptor.methods:
         request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
-        factory = (
-            grpc.stream_stream_rpc_method_handler
-            if method.client_streaming
-            else grpc.unary_unary_rpc_method_handler
-        )
+        factory = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = factory(
             getattr(service, method.name),
             request_deserializer=_parser(request),

@@ -6,6 +6,7 @@ the next action of a MOUSE in-context RL model, one session per environment stre
 """
 
 from collections import abc as _abc
+from google.protobuf import any_pb2 as _any_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
@@ -49,6 +50,38 @@ CONTEXT_POLICY_REJECT: ContextPolicy.ValueType  # 3
 """Refuse the step with FAILED_PRECONDITION; the client decides (e.g. ResetSession)."""
 Global___ContextPolicy: _TypeAlias = ContextPolicy  # noqa: Y015
 
+class _UpdatePolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UpdatePolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UpdatePolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    UPDATE_POLICY_UNSPECIFIED: _UpdatePolicy.ValueType  # 0
+    """The server default (--on-update, REFILL unless set)."""
+    UPDATE_POLICY_REFILL: _UpdatePolicy.ValueType  # 1
+    """Re-prefill the kept history with the new weights on the next step: actions equal a fresh
+    forward of the new model over the same records.
+    """
+    UPDATE_POLICY_KEEP: _UpdatePolicy.ValueType  # 2
+    """Keep the cache built by older versions and extend it with the new weights (cheapest)."""
+    UPDATE_POLICY_RESET: _UpdatePolicy.ValueType  # 3
+    """Start the context over after an update."""
+
+class UpdatePolicy(_UpdatePolicy, metaclass=_UpdatePolicyEnumTypeWrapper):
+    """What a session's cache does when its model's weights are updated."""
+
+UPDATE_POLICY_UNSPECIFIED: UpdatePolicy.ValueType  # 0
+"""The server default (--on-update, REFILL unless set)."""
+UPDATE_POLICY_REFILL: UpdatePolicy.ValueType  # 1
+"""Re-prefill the kept history with the new weights on the next step: actions equal a fresh
+forward of the new model over the same records.
+"""
+UPDATE_POLICY_KEEP: UpdatePolicy.ValueType  # 2
+"""Keep the cache built by older versions and extend it with the new weights (cheapest)."""
+UPDATE_POLICY_RESET: UpdatePolicy.ValueType  # 3
+"""Start the context over after an update."""
+Global___UpdatePolicy: _TypeAlias = UpdatePolicy  # noqa: Y015
+
 class _FieldKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -76,6 +109,46 @@ FIELD_KIND_FLOAT: FieldKind.ValueType  # 2
 FIELD_KIND_BYTES: FieldKind.ValueType  # 3
 """Raw uint8 bytes (obs_image pixels 0..255)."""
 Global___FieldKind: _TypeAlias = FieldKind  # noqa: Y015
+
+@_typing.final
+class ExecutionChoice(_message.Message):
+    """One start-up measurement of an execution path: the path chosen for a batch shape."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_FIELD_NUMBER: _builtins.int
+    CONTEXT_STEPS_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    STEP_MS_FIELD_NUMBER: _builtins.int
+    CANDIDATES_FIELD_NUMBER: _builtins.int
+    rows: _builtins.int
+    """Sessions (batch rows) of the shape."""
+    context_steps: _builtins.int
+    """Context length (steps in the cache) of the shape."""
+    path: _builtins.str
+    """The chosen path, e.g. "packed,threads=1" or "compiled"."""
+    step_ms: _builtins.float
+    """Its measured time for one step of the whole batch, in milliseconds."""
+    @_builtins.property
+    def candidates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The other candidates and their times, e.g. "plain,threads=2=4.1ms"."""
+
+    def __init__(
+        self,
+        *,
+        rows: _builtins.int = ...,
+        context_steps: _builtins.int = ...,
+        path: _builtins.str = ...,
+        step_ms: _builtins.float = ...,
+        candidates: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "context_steps", b"context_steps", "path", b"path", "rows", b"rows", "step_ms", b"step_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExecutionChoice: _TypeAlias = ExecutionChoice  # noqa: Y015
 
 @_typing.final
 class FieldInfo(_message.Message):
@@ -127,6 +200,10 @@ class ModelInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     NUM_PARAMETERS_FIELD_NUMBER: _builtins.int
+    MAX_STEPS_PER_REQUEST_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    MODEL_TAG_FIELD_NUMBER: _builtins.int
+    EXECUTION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name used in OpenSession ("default" when the server was given a bare --model)."""
     source: _builtins.str
@@ -145,9 +222,21 @@ class ModelInfo(_message.Message):
     """Compute dtype and device of the decoder stack, e.g. "float32", "cuda:0"."""
     device: _builtins.str
     num_parameters: _builtins.int
+    max_steps_per_request: _builtins.int
+    """Most steps one GetAction may carry (--max-steps-per-request); longer histories are sent in
+    several requests.
+    """
+    model_version: _builtins.int
+    """Version of the weights now served: 1 at start-up, +1 per update."""
+    model_tag: _builtins.str
+    """Free-text tag of the current weights (UpdateModelRequest.tag); empty at start-up."""
     @_builtins.property
     def fields(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldInfo]:
         """The fields every step must carry, in embedding order; other Steps fields must be empty."""
+
+    @_builtins.property
+    def execution(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExecutionChoice]:
+        """The execution path chosen per batch shape by the start-up measurement (may be empty)."""
 
     def __init__(
         self,
@@ -163,10 +252,14 @@ class ModelInfo(_message.Message):
         dtype: _builtins.str = ...,
         device: _builtins.str = ...,
         num_parameters: _builtins.int = ...,
+        max_steps_per_request: _builtins.int = ...,
+        model_version: _builtins.int = ...,
+        model_tag: _builtins.str = ...,
+        execution: _abc.Iterable[Global___ExecutionChoice] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_head", b"action_head", "backbone", b"backbone", "device", b"device", "dtype", b"dtype", "fields", b"fields", "max_context_steps", b"max_context_steps", "max_num_actions", b"max_num_actions", "name", b"name", "num_parameters", b"num_parameters", "source", b"source", "tokens_per_step", b"tokens_per_step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_head", b"action_head", "backbone", b"backbone", "device", b"device", "dtype", b"dtype", "execution", b"execution", "fields", b"fields", "max_context_steps", b"max_context_steps", "max_num_actions", b"max_num_actions", "max_steps_per_request", b"max_steps_per_request", "model_tag", b"model_tag", "model_version", b"model_version", "name", b"name", "num_parameters", b"num_parameters", "source", b"source", "tokens_per_step", b"tokens_per_step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -235,24 +328,34 @@ Global___Steps: _TypeAlias = Steps  # noqa: Y015
 
 @_typing.final
 class RequestError(_message.Message):
-    """A per-request failure inside StreamActions and BatchGetAction."""
+    """A per-request failure inside StreamActions and BatchGetAction. Wire-compatible with
+    google.rpc.Status: the same three fields, so it decodes as one.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
     code: _builtins.int
     """gRPC status code number (3 INVALID_ARGUMENT, 5 NOT_FOUND, 9 FAILED_PRECONDITION, ...)."""
     message: _builtins.str
+    @_builtins.property
+    def details(self) -> _containers.RepeatedCompositeFieldContainer[_any_pb2.Any]:
+        """The standard rich error details (google.rpc.BadRequest, google.rpc.ErrorInfo, ...), as a
+        unary call's status carries them in its `grpc-status-details-bin` trailer.
+        """
+
     def __init__(
         self,
         *,
         code: _builtins.int = ...,
         message: _builtins.str = ...,
+        details: _abc.Iterable[_any_pb2.Any] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "details", b"details", "message", b"message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -344,6 +447,8 @@ class OpenSessionRequest(_message.Message):
     CONTEXT_POLICY_FIELD_NUMBER: _builtins.int
     MAX_CONTEXT_STEPS_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    START_SEQ_FIELD_NUMBER: _builtins.int
+    ON_UPDATE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name; empty means "default"."""
     seed: _builtins.int
@@ -359,6 +464,13 @@ class OpenSessionRequest(_message.Message):
     """Context limit in steps for this session; at most (and by default) the server's limit."""
     session_id: _builtins.str
     """Session id proposed by the client (1-128 of [A-Za-z0-9._-]); generated when empty."""
+    start_seq: _builtins.int
+    """The sequence number the session starts after: its first GetAction carries start_seq + 1.
+    A client that restores a lost session sets it so the replayed requests keep their
+    numbering (seeded draws depend on seed and seq). 0 when absent.
+    """
+    on_update: Global___UpdatePolicy.ValueType
+    """What this session's cache does when the model's weights are updated."""
     def __init__(
         self,
         *,
@@ -369,10 +481,12 @@ class OpenSessionRequest(_message.Message):
         context_policy: Global___ContextPolicy.ValueType = ...,
         max_context_steps: _builtins.int | None = ...,
         session_id: _builtins.str = ...,
+        start_seq: _builtins.int | None = ...,
+        on_update: Global___UpdatePolicy.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_context_steps", b"_max_context_steps", "_num_actions", b"_num_actions", "_seed", b"_seed", "_temperature", b"_temperature", "max_context_steps", b"max_context_steps", "num_actions", b"num_actions", "seed", b"seed", "temperature", b"temperature"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_context_steps", b"_max_context_steps", "_num_actions", b"_num_actions", "_seed", b"_seed", "_start_seq", b"_start_seq", "_temperature", b"_temperature", "max_context_steps", b"max_context_steps", "num_actions", b"num_actions", "seed", b"seed", "start_seq", b"start_seq", "temperature", b"temperature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_context_steps", b"_max_context_steps", "_num_actions", b"_num_actions", "_seed", b"_seed", "_temperature", b"_temperature", "context_policy", b"context_policy", "max_context_steps", b"max_context_steps", "model", b"model", "num_actions", b"num_actions", "seed", b"seed", "session_id", b"session_id", "temperature", b"temperature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_context_steps", b"_max_context_steps", "_num_actions", b"_num_actions", "_seed", b"_seed", "_start_seq", b"_start_seq", "_temperature", b"_temperature", "context_policy", b"context_policy", "max_context_steps", b"max_context_steps", "model", b"model", "num_actions", b"num_actions", "on_update", b"on_update", "seed", b"seed", "session_id", b"session_id", "start_seq", b"start_seq", "temperature", b"temperature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_context_steps: _TypeAlias = _typing.Literal["max_context_steps"]  # noqa: Y015
     _WhichOneofArgType__max_context_steps: _TypeAlias = _typing.Literal["_max_context_steps", b"_max_context_steps"]  # noqa: Y015
@@ -380,6 +494,8 @@ class OpenSessionRequest(_message.Message):
     _WhichOneofArgType__num_actions: _TypeAlias = _typing.Literal["_num_actions", b"_num_actions"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__start_seq: _TypeAlias = _typing.Literal["start_seq"]  # noqa: Y015
+    _WhichOneofArgType__start_seq: _TypeAlias = _typing.Literal["_start_seq", b"_start_seq"]  # noqa: Y015
     _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
     _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
     @_typing.overload
@@ -388,6 +504,8 @@ class OpenSessionRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__num_actions) -> _WhichOneofReturnType__num_actions | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__start_seq) -> _WhichOneofReturnType__start_seq | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
 
@@ -404,6 +522,8 @@ class OpenSessionResponse(_message.Message):
     NUM_ACTIONS_FIELD_NUMBER: _builtins.int
     CONTEXT_POLICY_FIELD_NUMBER: _builtins.int
     MAX_CONTEXT_STEPS_FIELD_NUMBER: _builtins.int
+    ON_UPDATE_FIELD_NUMBER: _builtins.int
+    START_SEQ_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     seed: _builtins.int
     """Resolved session settings."""
@@ -411,6 +531,9 @@ class OpenSessionResponse(_message.Message):
     num_actions: _builtins.int
     context_policy: Global___ContextPolicy.ValueType
     max_context_steps: _builtins.int
+    on_update: Global___UpdatePolicy.ValueType
+    start_seq: _builtins.int
+    """The sequence number the session starts after (OpenSessionRequest.start_seq)."""
     @_builtins.property
     def model(self) -> Global___ModelInfo: ...
     def __init__(
@@ -423,10 +546,12 @@ class OpenSessionResponse(_message.Message):
         num_actions: _builtins.int = ...,
         context_policy: Global___ContextPolicy.ValueType = ...,
         max_context_steps: _builtins.int = ...,
+        on_update: Global___UpdatePolicy.ValueType = ...,
+        start_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_policy", b"context_policy", "max_context_steps", b"max_context_steps", "model", b"model", "num_actions", b"num_actions", "seed", b"seed", "session_id", b"session_id", "temperature", b"temperature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_policy", b"context_policy", "max_context_steps", b"max_context_steps", "model", b"model", "num_actions", b"num_actions", "on_update", b"on_update", "seed", b"seed", "session_id", b"session_id", "start_seq", b"start_seq", "temperature", b"temperature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -445,8 +570,11 @@ class GetActionRequest(_message.Message):
     session_id: _builtins.str
     seq: _builtins.int
     """Sequence number of this request within the session: 1 for the first GetAction, then +1.
-    Repeating the last applied number returns the same response without touching the cache
-    (a safe retry); skipping one is FAILED_PRECONDITION. 0 means "next", without retry safety.
+    Repeating the last applied number with the same steps and options returns the same
+    response without touching the cache (a safe retry, also the way to learn whether a request
+    whose outcome is unknown was applied); the same number with other steps or options is
+    FAILED_PRECONDITION, as is skipping a number or repeating an older one. 0 means "next",
+    without retry safety.
     """
     temperature: _builtins.float
     """Overrides the session's default temperature for this request."""
@@ -493,6 +621,8 @@ class GetActionResponse(_message.Message):
     SCORES_FIELD_NUMBER: _builtins.int
     CONTEXT_STEPS_FIELD_NUMBER: _builtins.int
     CONTEXT_TRUNCATED_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    MODEL_TAG_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     seq: _builtins.int
     action: _builtins.int
@@ -500,6 +630,10 @@ class GetActionResponse(_message.Message):
     """Steps in the session's context after this request."""
     context_truncated: _builtins.bool
     """True when this request hit the context limit and the history was re-prefilled or reset."""
+    model_version: _builtins.int
+    """Version of the weights that chose this action (see ModelInfo.model_version)."""
+    model_tag: _builtins.str
+    """Tag of those weights."""
     @_builtins.property
     def scores(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Scores of the first num_actions actions (when return_scores was set)."""
@@ -513,10 +647,12 @@ class GetActionResponse(_message.Message):
         scores: _abc.Iterable[_builtins.float] | None = ...,
         context_steps: _builtins.int = ...,
         context_truncated: _builtins.bool = ...,
+        model_version: _builtins.int = ...,
+        model_tag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "context_steps", b"context_steps", "context_truncated", b"context_truncated", "scores", b"scores", "seq", b"seq", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "context_steps", b"context_steps", "context_truncated", b"context_truncated", "model_tag", b"model_tag", "model_version", b"model_version", "scores", b"scores", "seq", b"seq", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -710,3 +846,135 @@ class CloseSessionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CloseSessionResponse: _TypeAlias = CloseSessionResponse  # noqa: Y015
+
+@_typing.final
+class UpdateModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model name; empty means "default"."""
+    source: _builtins.str
+    """Checkpoint folder readable by the server, or a Hugging Face Hub repo id."""
+    revision: _builtins.str
+    """Hub revision (branch, tag or commit); empty for the default branch."""
+    tag: _builtins.str
+    """Free text recorded with the new version (e.g. the learner's step)."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        source: _builtins.str = ...,
+        revision: _builtins.str = ...,
+        tag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "revision", b"revision", "source", b"source", "tag", b"tag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateModelRequest: _TypeAlias = UpdateModelRequest  # noqa: Y015
+
+@_typing.final
+class UpdateModelResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    MODEL_TAG_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    model_version: _builtins.int
+    """The version now served (the previous one + 1)."""
+    model_tag: _builtins.str
+    seconds: _builtins.float
+    """Seconds from receiving the update to serving it."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        model_version: _builtins.int = ...,
+        model_tag: _builtins.str = ...,
+        seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "model_tag", b"model_tag", "model_version", b"model_version", "seconds", b"seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateModelResponse: _TypeAlias = UpdateModelResponse  # noqa: Y015
+
+@_typing.final
+class PushWeightsRequest(_message.Message):
+    """One chunk of a PushWeights upload. The first chunk carries model, tag, total_bytes and
+    sha256 (later chunks may leave them empty); every chunk carries the next bytes of the file.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model name; empty means "default"."""
+    tag: _builtins.str
+    """Free text recorded with the new version."""
+    total_bytes: _builtins.int
+    """Size of the whole safetensors file in bytes."""
+    sha256: _builtins.str
+    """Lower-case hex SHA-256 of the whole file."""
+    data: _builtins.bytes
+    """The next bytes of the file."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        tag: _builtins.str = ...,
+        total_bytes: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "model", b"model", "sha256", b"sha256", "tag", b"tag", "total_bytes", b"total_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PushWeightsRequest: _TypeAlias = PushWeightsRequest  # noqa: Y015
+
+@_typing.final
+class PushWeightsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    MODEL_TAG_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    model_version: _builtins.int
+    """The version now served (the previous one + 1)."""
+    model_tag: _builtins.str
+    seconds: _builtins.float
+    """Seconds from the first chunk to serving the new weights."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        model_version: _builtins.int = ...,
+        model_tag: _builtins.str = ...,
+        seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "model_tag", b"model_tag", "model_version", b"model_version", "seconds", b"seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PushWeightsResponse: _TypeAlias = PushWeightsResponse  # noqa: Y015

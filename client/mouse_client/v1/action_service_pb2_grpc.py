@@ -80,6 +80,16 @@ class ActionServiceStub:
                 request_serializer=mouse_dot_action_dot_v1_dot_action__service__pb2.CloseSessionRequest.SerializeToString,
                 response_deserializer=mouse_dot_action_dot_v1_dot_action__service__pb2.CloseSessionResponse.FromString,
                 _registered_method=True)
+        self.UpdateModel = channel.unary_unary(
+                '/mouse.action.v1.ActionService/UpdateModel',
+                request_serializer=mouse_dot_action_dot_v1_dot_action__service__pb2.UpdateModelRequest.SerializeToString,
+                response_deserializer=mouse_dot_action_dot_v1_dot_action__service__pb2.UpdateModelResponse.FromString,
+                _registered_method=True)
+        self.PushWeights = channel.stream_unary(
+                '/mouse.action.v1.ActionService/PushWeights',
+                request_serializer=mouse_dot_action_dot_v1_dot_action__service__pb2.PushWeightsRequest.SerializeToString,
+                response_deserializer=mouse_dot_action_dot_v1_dot_action__service__pb2.PushWeightsResponse.FromString,
+                _registered_method=True)
 
 
 class ActionServiceServicer:
@@ -149,6 +159,23 @@ class ActionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateModel(self, request, context):
+        """Replaces a model's weights with those of a checkpoint the server can read (a folder on the
+        server or a Hugging Face Hub repo id), under live sessions. Needs an admin token; the
+        config must equal the served one in everything but weights (FAILED_PRECONDITION otherwise).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushWeights(self, request_iterator, context):
+        """The same as UpdateModel with the weights streamed by the caller: a safetensors file in
+        chunks, checked against its declared size and SHA-256 before anything is swapped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ActionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -191,6 +218,16 @@ def add_ActionServiceServicer_to_server(servicer, server):
                     servicer.CloseSession,
                     request_deserializer=mouse_dot_action_dot_v1_dot_action__service__pb2.CloseSessionRequest.FromString,
                     response_serializer=mouse_dot_action_dot_v1_dot_action__service__pb2.CloseSessionResponse.SerializeToString,
+            ),
+            'UpdateModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateModel,
+                    request_deserializer=mouse_dot_action_dot_v1_dot_action__service__pb2.UpdateModelRequest.FromString,
+                    response_serializer=mouse_dot_action_dot_v1_dot_action__service__pb2.UpdateModelResponse.SerializeToString,
+            ),
+            'PushWeights': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushWeights,
+                    request_deserializer=mouse_dot_action_dot_v1_dot_action__service__pb2.PushWeightsRequest.FromString,
+                    response_serializer=mouse_dot_action_dot_v1_dot_action__service__pb2.PushWeightsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -415,6 +452,60 @@ class ActionService:
             '/mouse.action.v1.ActionService/CloseSession',
             mouse_dot_action_dot_v1_dot_action__service__pb2.CloseSessionRequest.SerializeToString,
             mouse_dot_action_dot_v1_dot_action__service__pb2.CloseSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mouse.action.v1.ActionService/UpdateModel',
+            mouse_dot_action_dot_v1_dot_action__service__pb2.UpdateModelRequest.SerializeToString,
+            mouse_dot_action_dot_v1_dot_action__service__pb2.UpdateModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushWeights(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/mouse.action.v1.ActionService/PushWeights',
+            mouse_dot_action_dot_v1_dot_action__service__pb2.PushWeightsRequest.SerializeToString,
+            mouse_dot_action_dot_v1_dot_action__service__pb2.PushWeightsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -61,6 +61,15 @@ class ActionServiceStub:
     """Clears a session's history (KV cache); its settings and sequence numbers are kept."""
     CloseSession: _grpc.UnaryUnaryMultiCallable[_action_service_pb2.CloseSessionRequest, _action_service_pb2.CloseSessionResponse]
     """Closes a session and frees its cache."""
+    UpdateModel: _grpc.UnaryUnaryMultiCallable[_action_service_pb2.UpdateModelRequest, _action_service_pb2.UpdateModelResponse]
+    """Replaces a model's weights with those of a checkpoint the server can read (a folder on the
+    server or a Hugging Face Hub repo id), under live sessions. Needs an admin token; the
+    config must equal the served one in everything but weights (FAILED_PRECONDITION otherwise).
+    """
+    PushWeights: _grpc.StreamUnaryMultiCallable[_action_service_pb2.PushWeightsRequest, _action_service_pb2.PushWeightsResponse]
+    """The same as UpdateModel with the weights streamed by the caller: a safetensors file in
+    chunks, checked against its declared size and SHA-256 before anything is swapped.
+    """
 
 @_typing.type_check_only
 class ActionServiceAsyncStub(ActionServiceStub):
@@ -93,6 +102,15 @@ class ActionServiceAsyncStub(ActionServiceStub):
     """Clears a session's history (KV cache); its settings and sequence numbers are kept."""
     CloseSession: _aio.UnaryUnaryMultiCallable[_action_service_pb2.CloseSessionRequest, _action_service_pb2.CloseSessionResponse]  # type: ignore[assignment]
     """Closes a session and frees its cache."""
+    UpdateModel: _aio.UnaryUnaryMultiCallable[_action_service_pb2.UpdateModelRequest, _action_service_pb2.UpdateModelResponse]  # type: ignore[assignment]
+    """Replaces a model's weights with those of a checkpoint the server can read (a folder on the
+    server or a Hugging Face Hub repo id), under live sessions. Needs an admin token; the
+    config must equal the served one in everything but weights (FAILED_PRECONDITION otherwise).
+    """
+    PushWeights: _aio.StreamUnaryMultiCallable[_action_service_pb2.PushWeightsRequest, _action_service_pb2.PushWeightsResponse]  # type: ignore[assignment]
+    """The same as UpdateModel with the weights streamed by the caller: a safetensors file in
+    chunks, checked against its declared size and SHA-256 before anything is swapped.
+    """
 
 class ActionServiceServicer(metaclass=_abc_1.ABCMeta):
     """Serves actions from one or more loaded MOUSE models.
@@ -170,5 +188,26 @@ class ActionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_action_service_pb2.CloseSessionResponse, _abc.Awaitable[_action_service_pb2.CloseSessionResponse]]:
         """Closes a session and frees its cache."""
+
+    @_abc_1.abstractmethod
+    def UpdateModel(
+        self,
+        request: _action_service_pb2.UpdateModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_action_service_pb2.UpdateModelResponse, _abc.Awaitable[_action_service_pb2.UpdateModelResponse]]:
+        """Replaces a model's weights with those of a checkpoint the server can read (a folder on the
+        server or a Hugging Face Hub repo id), under live sessions. Needs an admin token; the
+        config must equal the served one in everything but weights (FAILED_PRECONDITION otherwise).
+        """
+
+    @_abc_1.abstractmethod
+    def PushWeights(
+        self,
+        request_iterator: _MaybeAsyncIterator[_action_service_pb2.PushWeightsRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_action_service_pb2.PushWeightsResponse, _abc.Awaitable[_action_service_pb2.PushWeightsResponse]]:
+        """The same as UpdateModel with the weights streamed by the caller: a safetensors file in
+        chunks, checked against its declared size and SHA-256 before anything is swapped.
+        """
 
 def add_ActionServiceServicer_to_server(servicer: ActionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
