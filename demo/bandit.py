@@ -122,11 +122,21 @@ class Histories:
 def sample_histories(
     rng: np.random.Generator, batch: int, num_steps: int, num_arms: int = NUM_ARMS
 ) -> Histories:
-    """Sessions played by Thompson sampling that pulls a uniformly random arm with probability
-    `eps` (drawn per session as `U(0, 1)**2`), so the data covers both near-Thompson histories
-    (what the trained model will see from its own actions) and more random ones."""
+    """Training sessions, each played by one of two behaviour policies (half and half):
+
+    - Thompson sampling that pulls a uniformly random arm with probability `eps ~ U(0, 1)**2`:
+      histories like the trained model's own, which pull the best arm more and more often;
+    - a fixed random distribution over the arms, `Dirichlet(alpha)` with `alpha` log-uniform in
+      [0.1, 3]: often concentrated on one arm regardless of its rewards. Without these, how often
+      an arm was pulled would predict the best arm, and a model would learn to repeat its own
+      most frequent action instead of reading the rewards.
+    """
     means = rng.uniform(size=(batch, num_arms))
+    thompson_policy = rng.uniform(size=batch) < 0.5
     eps = rng.uniform(size=batch) ** 2
+    alpha = np.exp(rng.uniform(np.log(0.1), np.log(3.0), size=(batch, 1)))
+    fixed_probs = rng.gamma(np.broadcast_to(alpha, (batch, num_arms)))
+    fixed_probs /= fixed_probs.sum(axis=1, keepdims=True)
     rows = np.arange(batch)
     successes = np.zeros((batch, num_arms))
     failures = np.zeros((batch, num_arms))
@@ -136,7 +146,9 @@ def sample_histories(
     for s in range(1, num_steps):
         thompson = np.argmax(rng.beta(1.0 + successes, 1.0 + failures), axis=-1)
         uniform = rng.integers(0, num_arms, size=batch)
-        arm = np.where(rng.uniform(size=batch) < eps, uniform, thompson)
+        thompson = np.where(rng.uniform(size=batch) < eps, uniform, thompson)
+        fixed = (rng.uniform(size=(batch, 1)) > fixed_probs.cumsum(axis=1)).sum(axis=1).clip(max=num_arms - 1)
+        arm = np.where(thompson_policy, thompson, fixed)
         reward = rng.uniform(size=batch) < means[rows, arm]
         successes[rows, arm] += reward
         failures[rows, arm] += ~reward

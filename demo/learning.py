@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from demo.bandit import HORIZON, OBS_DIM, BernoulliBandit, random_policy_regret
+from demo.bandit import HORIZON, NUM_ARMS, OBS_DIM, BernoulliBandit, random_policy_regret
 
 # Windows of pulls (1-based, inclusive) before and after the reset.
 WINDOWS: tuple[tuple[int, int], ...] = ((1, 50), (51, 100), (101, 200), (201, 300), (301, 400), (401, 500))
@@ -88,7 +88,12 @@ class LocalActor:
             "obs_continuous": torch.from_numpy(np.stack([r["obs_continuous"] for r in flat])),
         }
         self.seq += 1
-        scores = model.forward_batch(steps, self.pool, self.slots, counts)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as the server runs small forwards: faster, and the same kernels
+        try:
+            scores = model.forward_batch(steps, self.pool, self.slots, counts)
+        finally:
+            torch.set_num_threads(threads)
         uniform = torch.from_numpy(counter_uniform(self.seeds, self.seq))
         temperature = torch.full((n,), self.temperature)
         num_actions = torch.full((n,), model.max_num_actions)
@@ -97,6 +102,29 @@ class LocalActor:
     def reset(self) -> None:
         for slot in self.slots:
             self.pool.reset(int(slot))
+
+
+class ThompsonActor:
+    """Thompson sampling with the exact Beta posterior of each arm, from the same step records
+    (a record with `time` 0 starts an episode and carries no pull): the algorithm the demo
+    model is trained to imitate, for comparison."""
+
+    def __init__(self, num_sessions: int, seed: int, num_arms: int = NUM_ARMS) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.successes = np.zeros((num_sessions, num_arms))
+        self.failures = np.zeros((num_sessions, num_arms))
+
+    def act(self, records: list[list[dict[str, Any]]]) -> np.ndarray:
+        for i, session in enumerate(records):
+            for r in session:
+                if r["time"] > 0:
+                    self.successes[i, r["action"]] += r["reward"]
+                    self.failures[i, r["action"]] += 1 - r["reward"]
+        return np.argmax(self.rng.beta(1 + self.successes, 1 + self.failures), axis=1)
+
+    def reset(self) -> None:
+        self.successes[:] = 0
+        self.failures[:] = 0
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Train the demo model: a MOUSE model that learns Bernoulli bandits in context (demo/bandit.py).
 
     .venv/bin/python -m demo.train                       # writes demo/checkpoint (about 12 min, 2 cores)
-    .venv/bin/python -m demo.train --out /tmp/ckpt --iterations 20 --eval-sessions 16   # a quick try
+    .venv/bin/python -m demo.train --out /tmp/ckpt --schedule 50x8x20 --eval-sessions 16   # a quick try
 
 Objective (as decision-pretrained transformers train in-context learners): the policy head
 `sp`, read at each step of a session, is fitted by cross-entropy to the Bayesian probability
@@ -27,6 +27,7 @@ import platform
 import resource
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,27 +36,25 @@ import torch
 import torch.nn.functional as F
 
 from demo.bandit import HORIZON, NUM_ARMS, OBS_DIM, Histories, sample_histories
-from demo.learning import WINDOWS, Curve, LocalActor, format_curves, learning_curve
+from demo.learning import WINDOWS, Curve, LocalActor, ThompsonActor, format_curves, learning_curve
 from mouse_core import Model, save_model
 from mouse_core.training import train_forward
 
 OUT = Path(__file__).parent / "checkpoint"
 EVAL_TASK_SEED = 10_000  # evaluation tasks are BernoulliBandit.reset(seed=EVAL_TASK_SEED + i)
 EVAL_SESSION_SEED = 0  # sampling seeds of the evaluation sessions: EVAL_SESSION_SEED + i
-SESSION_STEPS = HORIZON  # step records per training session: the reset record + HORIZON - 1 pulls
+# Curriculum: the model first learns to read the rewards on short sessions (cheap: attention
+# cost grows with the square of the length), then sessions of one whole episode (HORIZON step
+# records: the reset record and HORIZON - 1 pulls), the context it is served with.
+SCHEDULE = "100x32x500,500x16x250"
 
-# Same shapes and step schema as the random demo model it replaces (hidden 64, 2 layers, 5
-# fields with a 4-wide obs_continuous), so clients and bench/soak.py built for it still work.
-# max_position_embeddings 1024 = 512 steps of 2 tokens: the server's default context limit is
-# the length the model was trained for (one 500-pull episode).
+# The shapes, step schema and context limit of the random demo model it replaces (hidden 64,
+# 2 layers, 5 fields with a 4-wide obs_continuous and a 512-row time table, 2 tokens per step,
+# 4096 positions = 2048 steps), with 5 actions instead of 2 and a policy head instead of the
+# DQN head, so clients, tests and benchmarks built for that model still work with this one.
 CONFIG: dict[str, Any] = {
     "hidden_dim": 64,
-    "backbone_kwargs": {
-        "num_layers": 2,
-        "num_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 1024,
-    },
+    "backbone_kwargs": {"num_layers": 2, "num_heads": 4, "num_key_value_heads": 2},
     "embedding_kwargs": {
         "max_num_actions": NUM_ARMS,
         "max_num_obs_continuous": OBS_DIM,
@@ -91,15 +90,41 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def _batch(job: tuple[int, int, int]) -> Histories:
-    seed, step, batch = job
-    return sample_histories(np.random.default_rng([seed, step]), batch, SESSION_STEPS)
+@dataclass(frozen=True)
+class Phase:
+    """`iterations` iterations of `batch` training sessions of `steps` step records each."""
+
+    steps: int
+    batch: int
+    iterations: int
+
+    def __str__(self) -> str:
+        return f"{self.steps}x{self.batch}x{self.iterations}"
 
 
-def batches(seed: int, iterations: int, batch: int, workers: int) -> Iterator[Histories]:
-    """Training batches; batch `i` comes from the seed `[seed, i]`, so the data do not depend
-    on `workers` (processes that compute them while the model trains; 0 = in this process)."""
-    jobs = [(seed, step, batch) for step in range(iterations)]
+def parse_schedule(text: str) -> list[Phase]:
+    """`"STEPSxBATCHxITERATIONS,..."`, e.g. `"100x32x500,500x16x250"`."""
+    try:
+        phases = [Phase(*(int(n) for n in part.split("x"))) for part in text.split(",")]
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected STEPSxBATCHxITERATIONS[,...], got {text!r}") from None
+    if not all(2 <= p.steps <= HORIZON and p.batch >= 1 and p.iterations >= 1 for p in phases):
+        raise argparse.ArgumentTypeError(
+            f"each phase needs 2 <= STEPS <= {HORIZON}, BATCH and ITERATIONS >= 1"
+        )
+    return phases
+
+
+def _batch(job: tuple[int, int, int, int]) -> Histories:
+    seed, step, batch, steps = job
+    return sample_histories(np.random.default_rng([seed, step]), batch, steps)
+
+
+def batches(seed: int, schedule: list[Phase], workers: int) -> Iterator[Histories]:
+    """Training batches in schedule order; batch `i` comes from the seed `[seed, i]`, so the data
+    do not depend on `workers` (processes that sample them while the model trains; 0 = none)."""
+    phases = [phase for phase in schedule for _ in range(phase.iterations)]
+    jobs = [(seed, i, phase.batch, phase.steps) for i, phase in enumerate(phases)]
     if workers == 0:
         yield from map(_batch, jobs)
         return
@@ -113,21 +138,23 @@ def train(model: Model, args: argparse.Namespace, log: Any = print) -> list[dict
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     model.train()
     history, started = [], time.monotonic()
-    for step, batch in enumerate(batches(args.seed, args.iterations, args.batch, args.data_workers)):
+    total = sum(p.iterations for p in args.schedule)
+    for step, batch in enumerate(batches(args.seed, args.schedule, args.data_workers)):
         steps = {k: torch.from_numpy(v) for k, v in batch.steps.items()}
         target = torch.from_numpy(batch.targets)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args.iterations, args.lr, args.warmup)
+            group["lr"] = lr_at(step, total, args.lr, args.warmup)
         log_probs = F.log_softmax(train_forward(model, steps)["sp"], dim=-1)
         loss = -(target * log_probs).sum(-1).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        if step % args.log_every == 0 or step == args.iterations - 1:
+        if step % args.log_every == 0 or step == total - 1:
             entropy = -(target * target.clamp_min(1e-12).log()).sum(-1).mean()
             row = {
                 "iteration": step,
+                "steps": batch.targets.shape[1],
                 "loss": loss.item(),
                 "kl": (loss - entropy).item(),
                 "seconds": time.monotonic() - started,
@@ -142,29 +169,31 @@ def train(model: Model, args: argparse.Namespace, log: Any = print) -> list[dict
     return history
 
 
-def evaluate(model: Model, sessions: int) -> Curve:
-    """Learning curve of the model (temperature 1) on `sessions` held-back task instances."""
-    actor = LocalActor(model, sessions, seed=EVAL_SESSION_SEED)
-    return learning_curve(actor, [EVAL_TASK_SEED + i for i in range(sessions)])
+def evaluate(model: Model, sessions: int) -> dict[str, Curve]:
+    """Learning curves of the model (temperature 1) and of exact Thompson sampling on `sessions`
+    held-back task instances."""
+    tasks = [EVAL_TASK_SEED + i for i in range(sessions)]
+    return {
+        "model": learning_curve(LocalActor(model, sessions, seed=EVAL_SESSION_SEED), tasks),
+        "thompson": learning_curve(ThompsonActor(sessions, seed=EVAL_SESSION_SEED), tasks),
+    }
 
 
 def model_card(metrics: dict[str, Any]) -> str:
     """The checkpoint's README.md, with the figures of this run."""
-    ev, tr = metrics["evaluation"], metrics["training"]
-    rows = "\n".join(
-        f"| {w} | {ev['random']:.3f} | {v:.3f} | {v / ev['random']:.0%} |" for w, v in ev["windows"].items()
-    )
-    rows += "\n" + "\n".join(
-        f"| {w} after a context reset | {ev['random']:.3f} | {v:.3f} | {v / ev['random']:.0%} |"
-        for w, v in ev["after_reset"].items()
-    )
+    ev, tr, ts = metrics["evaluation"], metrics["training"], metrics["thompson"]
+
+    def row(label: str, model: float, thompson: float) -> str:
+        return f"| {label} | {ev['random']:.3f} | {model:.3f} | {model / ev['random']:.0%} | {thompson:.3f} |"
+
+    rows = [row(w, v, ts["windows"][w]) for w, v in ev["windows"].items()]
+    rows += [row(f"{w} after the reset", v, ts["after_reset"][w]) for w, v in ev["after_reset"].items()]
     return CARD.format(
         config=json.dumps(CONFIG, indent=2),
         command=metrics["command"],
-        rows=rows,
+        rows="\n".join(rows),
         sessions=ev["sessions"],
-        iterations=tr["iterations"],
-        batch=tr["batch"],
+        schedule=tr["schedule"],
         seconds=tr["seconds"],
         cpu_seconds=tr["cpu_seconds"],
         machine=tr["machine"],
@@ -173,42 +202,48 @@ def model_card(metrics: dict[str, Any]) -> str:
         arms=NUM_ARMS,
         last_arm=NUM_ARMS - 1,
         horizon=HORIZON,
-        steps=SESSION_STEPS,
         last_session=ev["sessions"] - 1,
     )
 
 
 CARD = """# demo/checkpoint: a MOUSE model that learns bandits in context
 
-The model `bash scripts/demo.sh` serves. Written by `demo/train.py` (do not edit by hand: rerun
-the training command below, which rewrites this folder).
+The model `bash scripts/demo.sh` serves. Written by `demo/train.py`: rerun the training command
+below to rewrite this folder (weights, `metrics.json` and this card) rather than editing it.
 
 ## Task
 Bernoulli multi-armed bandits (`demo/bandit.py`): {arms} arms whose success probabilities are
 drawn uniformly from [0, 1] for every task instance; a pull gives reward 1 with the arm's
 probability, else 0; an episode is {horizon} pulls. Which arm is best must be found from
-experience, within the session's context: the weights never change. Regret per pull is
+experience within the session's context: the weights never change. Regret per pull is
 `max(means) - means[arm]`.
 
-Step records (one per pull): `action` (the arm pulled, 0-{last_arm}; 0 in the episode's first
-record), `reward` (0 or 1), `done` (0), `time` (pulls so far, 0-{horizon}), `obs_continuous`
-(4 zeros: a bandit has no state; the field keeps the step schema of the earlier demo model).
+One step record per pull: `action` (the arm pulled, 0-{last_arm}; 0 in the episode's first
+record, which carries no pull), `reward` (0 or 1), `done` (0), `time` (pulls so far),
+`obs_continuous` (4 zeros: a bandit has no state; the field keeps the step schema of the
+earlier demo model).
 
 ## Objective
-Decision-pretrained-transformer style: the policy head `sp` at every step of a training session
-is fitted by cross-entropy to the Bayesian probability that each arm is the best one given the
-pulls so far (uniform prior, computed exactly on a grid). Sampling from that distribution is
+As decision-pretrained transformers are trained: at every step of a training session the policy
+head `sp` is fitted by cross-entropy to the Bayesian probability that each arm is the best one
+given the pulls so far (uniform prior, computed on a grid). Sampling from that distribution is
 Thompson sampling, so the model is meant to be served at temperature 1 (the server's default):
 it explores while its context is short and settles on the best arm as the context grows.
-Training sessions ({steps} step records each) are played by Thompson sampling that pulls a
-random arm with probability eps ~ U(0,1)^2 per session. AdamW, peak learning rate with warm-up
-and cosine decay, gradient clipping at 1.
+
+Training sessions are played half by Thompson sampling that pulls a random arm with probability
+eps ~ U(0,1)^2, half by a fixed random distribution over the arms (Dirichlet, often concentrated
+on one arm whatever its rewards), so that how often an arm was pulled does not give the answer
+away and the model has to read the rewards. Curriculum: short sessions first (the
+reward-reading circuit is learned cheaply), then whole-episode sessions. AdamW, warm-up and
+cosine decay, gradient clipping at 1.
 
 ## Config
-{params} parameters, Llama backbone, 2 tokens per step, 512-step context
-(`max_position_embeddings` 1024: the server's default context limit is the trained length).
-Loads in the reference implementation (PyPI `mouse-core` 0.3.0), which computes the same
-greedy actions on it (golden case `tests/fixtures/golden_extra/demo_bandit`).
+{params} parameters, Llama backbone (2 layers, hidden 64, 4 heads, 2 KV heads), 2 tokens per
+step. The default 4096 positions make the server's default context limit 2048 steps; the model
+was trained on one-episode sessions of up to {horizon} steps, so give each task instance its own
+session (or reset the context) rather than running one session far past that.
+The reference implementation (PyPI `mouse-core` 0.3.0) loads this checkpoint and computes the
+same outputs and greedy actions (golden case `tests/fixtures/golden_extra/demo_bandit`).
 
 ```json
 {config}
@@ -218,17 +253,19 @@ greedy actions on it (golden case `tests/fixtures/golden_extra/demo_bandit`).
 ```bash
 {command}
 ```
-{iterations} iterations x {batch} sessions: {seconds:.0f} s wall, {cpu_seconds:.0f} s CPU (1 torch thread plus
-one process sampling the batches) on {machine}.
-Final KL to the posterior (training batch): {final_kl:.4f} nats.
+Schedule (session steps x sessions per iteration x iterations): {schedule}; {seconds:.0f} s wall,
+{cpu_seconds:.0f} s CPU (1 torch thread plus one process sampling the batches) on {machine}.
+Final KL to the posterior (last training batch): {final_kl:.4f} nats. The same command gives the
+same weights on the same machine (`metrics.json` has the training log).
 
 ## Figures
 Mean regret per pull on {sessions} held-back task instances (`BernoulliBandit.reset(seed=10000 + i)`),
-actions sampled at temperature 1 with the server's draws (session seeds 0..{last_session}),
-500 pulls from an empty context, then a context reset and 100 more pulls on the same instance:
+actions sampled at temperature 1 with the server's draws (session seeds 0..{last_session}): {horizon}
+pulls from an empty context, then a context reset and 100 more pulls on the same instance.
+Thompson sampling with the exact posterior on the same instances for comparison.
 
-| pulls | random policy | this model | model / random |
-|---|---|---|---|
+| pulls | random policy | this model | model / random | Thompson sampling |
+|---|---|---|---|---|
 {rows}
 """
 
@@ -239,8 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=OUT, help="checkpoint folder to write")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--iterations", type=int, default=600)
-    parser.add_argument("--batch", type=int, default=16, help="sessions per iteration")
+    parser.add_argument(
+        "--schedule",
+        type=parse_schedule,
+        default=SCHEDULE,
+        help="training phases STEPSxBATCHxITERATIONS,...: sessions of STEPS step records, BATCH per iteration",
+    )
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (fixed for reproducibility)")
@@ -255,14 +296,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     model = Model(CONFIG)
     params = sum(p.numel() for p in model.parameters())
-    print(f"training a {params:,}-parameter model for {args.iterations} iterations ...", flush=True)
+    schedule = ",".join(map(str, args.schedule))
+    print(f"training a {params:,}-parameter model, schedule {schedule} ...", flush=True)
     started, cpu_started = time.monotonic(), _cpu_seconds()
     log = train(model, args)
     seconds, cpu_seconds = time.monotonic() - started, _cpu_seconds() - cpu_started
     save_model(model, args.out)
+    options = {**vars(args), "schedule": schedule}
     command = ".venv/bin/python -m demo.train" + "".join(
         f" --{k.replace('_', '-')} {v}"
-        for k, v in vars(args).items()
+        for k, v in options.items()
         if k != "out" and v != parser.get_default(k)
     )
     metrics: dict[str, Any] = {
@@ -270,8 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": params,
         "training": {
             "seed": args.seed,
-            "iterations": args.iterations,
-            "batch": args.batch,
+            "schedule": schedule,
             "lr": args.lr,
             "threads": args.threads,
             "data_workers": args.data_workers,
@@ -284,8 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.out} ({seconds:.0f} s training, {cpu_seconds:.0f} s CPU)", flush=True)
     if args.eval_sessions > 0:
         print(f"evaluating on {args.eval_sessions} held-back task instances ...", flush=True)
-        curve = evaluate(model, args.eval_sessions)
-        print(format_curves({"model": curve}))
+        curves = evaluate(model, args.eval_sessions)
+        print(format_curves(curves))
+        curve = curves["model"]
         late, early = curve.window(*WINDOWS[-1]), curve.window(*WINDOWS[0])
         print(
             f"regret over pulls 401-500 is {late / curve.random_regret:.0%} of random "
@@ -293,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         metrics["evaluation"] = curve.summary()
+        metrics["thompson"] = curves["thompson"].summary()
         (args.out / "README.md").write_text(model_card(metrics))
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return 0

@@ -50,7 +50,7 @@ def test_train_forward_has_gradients_for_every_trained_parameter() -> None:
         assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
-TINY = ["--iterations", "3", "--batch", "2", "--data-workers", "0", "--warmup", "1"]
+TINY = ["--schedule", "20x2x2,40x2x1", "--data-workers", "0", "--warmup", "1"]
 
 
 def _train(out: Path, *args: str) -> dict:
@@ -74,4 +74,4 @@ def test_training_script_is_reproducible_and_writes_a_loadable_checkpoint(tmp_pa
     assert ev["sessions"] == 3 and list(ev["windows"]) == [f"{lo}-{hi}" for lo, hi in WINDOWS]
     assert "evaluation" not in second and not (tmp_path / "b" / "README.md").exists()
     card = (tmp_path / "a" / "README.md").read_text()
-    assert "--iterations 3" in card and "| 401-500 |" in card
+    assert "--schedule 20x2x2,40x2x1" in card and "| 401-500 |" in card
