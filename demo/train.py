@@ -26,6 +26,7 @@ import os
 import platform
 import resource
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,8 +129,14 @@ def batches(seed: int, schedule: list[Phase], workers: int) -> Iterator[Historie
     if workers == 0:
         yield from map(_batch, jobs)
         return
-    with mp.get_context("spawn").Pool(workers) as pool:
-        yield from pool.imap(_batch, jobs)
+    with mp.get_context("fork").Pool(workers) as pool:  # numpy only in the workers; no re-imports
+        pending: deque[Any] = deque()
+        for job in jobs:  # a few batches ahead of the model, not all of them
+            pending.append(pool.apply_async(_batch, (job,)))
+            if len(pending) > 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
 
 def train(model: Model, args: argparse.Namespace, log: Any = print) -> list[dict[str, float]]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tensordict import TensorDict
@@ -75,3 +77,19 @@ def test_training_script_is_reproducible_and_writes_a_loadable_checkpoint(tmp_pa
     assert "evaluation" not in second and not (tmp_path / "b" / "README.md").exists()
     card = (tmp_path / "a" / "README.md").read_text()
     assert "--schedule 20x2x2,40x2x1" in card and "| 401-500 |" in card
+
+
+def test_training_batches_do_not_depend_on_the_data_workers() -> None:
+    schedule = train_script.parse_schedule("10x2x3,20x1x2")
+    inline = list(train_script.batches(3, schedule, workers=0))
+    pooled = list(train_script.batches(3, schedule, workers=1))
+    assert [b.targets.shape for b in pooled] == [(2, 10, 5)] * 3 + [(1, 20, 5)] * 2
+    for a, b in zip(inline, pooled, strict=True):
+        assert np.array_equal(a.targets, b.targets)
+        assert all(np.array_equal(a.steps[k], b.steps[k]) for k in a.steps)
+
+
+@pytest.mark.parametrize("text", ["100x32", "0x2x3", "10x2x0", "axbxc", "600x1x1"])
+def test_schedule_is_validated(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="STEPS"):
+        train_script.parse_schedule(text)
