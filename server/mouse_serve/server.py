@@ -8,7 +8,9 @@ import contextlib
 import ctypes
 import logging
 import signal
+import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -36,6 +38,18 @@ def release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def check_port_free(host: str, port: int) -> None:
+    """OSError now, before any model loads, when `host:port` cannot be bound."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 def load_runners(config: ServerConfig) -> dict[str, ModelRunner]:
     return {
         spec.name: ModelRunner.load(
@@ -59,29 +73,34 @@ class Server:
         self.config = config
         self.runners = runners
         self.metrics = Metrics()
-        self.schedulers = {
-            name: Scheduler(
+        # One runner thread for every model: forwards never overlap, so per-forward CPU thread
+        # settings of one model cannot change another's mid-forward.
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="runner")
+        self.schedulers = {}
+        for name, runner in runners.items():
+            self.metrics.model_loaded(runner)
+            self.schedulers[name] = Scheduler(
                 runner,
                 max_batch_tokens=config.max_batch_tokens,
-                max_batch_wait_s=config.max_batch_wait_s,
+                max_batch_wait_s=config.max_batch_wait_ms / 1000.0,
+                executor=self.executor,
                 on_batch=self.metrics.observe_batch,
+                on_queue=lambda length, name=name: self.metrics.queue_changed(name, length),
             )
-            for name, runner in runners.items()
-        }
         self.sessions = SessionManager(
             runners,
             self.schedulers,
             default_policy=ContextPolicy[config.context_policy.upper()],
-            idle_timeout_s=config.idle_timeout_s,
+            idle_timeout_s=config.idle_timeout,
             max_sessions_per_owner=config.max_sessions_per_token,
+            max_pending_per_session=config.max_pending_per_session,
             metrics=self.metrics,
         )
-        self.metrics.attach(self.sessions)
-        self.metrics.load_seconds.update({name: r.load_seconds for name, r in runners.items()})
         self.auth = TokenAuth(config.token_file) if config.token_file else None
         self.service = ActionService(
             self.sessions,
             max_steps_per_request=config.max_steps_per_request,
+            max_requests_per_stream=config.max_requests_per_stream,
             auth=self.auth,
         )
         self.health = health.aio.HealthServicer()
@@ -89,6 +108,7 @@ class Server:
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
+                ("grpc.max_concurrent_streams", config.max_streams_per_connection),
                 ("grpc.so_reuseport", 0),
             ]
         )
@@ -147,22 +167,30 @@ class Server:
                 trimmed = time.monotonic()
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Stop serving: health NOT_SERVING, no new sessions, in-flight calls get `grace_s`."""
-        grace = self.config.grace_period_s if grace_s is None else grace_s
+        """Drain, then stop: health turns NOT_SERVING and new sessions are refused while the
+        requests in flight complete (up to `grace_s`); then the server closes its calls."""
+        grace = self.config.grace_period if grace_s is None else grace_s
+        deadline = time.monotonic() + grace
         self.service.draining = True
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.grpc.stop(grace)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.service.wait_idle(), grace)
+        await self.grpc.stop(max(deadline - time.monotonic(), 0.0))
         if self._expiry is not None:
             self._expiry.cancel()
         for scheduler in self.schedulers.values():
             await scheduler.stop()
+        self.executor.shutdown(wait=True)
         self.metrics.stop()
         log.info("stopped")
 
 
 async def serve(config: ServerConfig) -> None:
     """Load the models, serve until SIGTERM/SIGINT, then shut down gracefully."""
+    check_port_free(config.host, config.port)
+    if config.metrics_port:
+        check_port_free(config.host, config.metrics_port)
     runners = await asyncio.to_thread(load_runners, config)
     server = Server(config, runners)
     await server.start()
@@ -172,5 +200,5 @@ async def serve(config: ServerConfig) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down (grace period %.1fs)", config.grace_period_s)
+    log.info("shutting down (grace period %.1fs)", config.grace_period)
     await server.stop()
