@@ -117,7 +117,8 @@ def model_info(runner: ModelRunner, max_steps_per_request: int) -> pb.ModelInfo:
         device=str(runner.device),
         num_parameters=runner.num_parameters,
         max_steps_per_request=max_steps_per_request,
-        model_version=1,
+        model_version=runner.version,
+        model_tag=runner.tag,
     )
 
 
@@ -131,6 +132,7 @@ def open_reply(session: Session, info: pb.ModelInfo) -> pb.OpenSessionResponse:
         num_actions=session.num_actions,
         context_policy=int(session.policy),
         max_context_steps=session.max_context_steps,
+        on_update=int(session.on_update),
     )
 
 
@@ -141,7 +143,8 @@ def action_reply(result: ActionResult) -> pb.GetActionResponse:
         action=result.action,
         context_steps=result.context_steps,
         context_truncated=result.context_truncated,
-        model_version=1,
+        model_version=result.model_version,
+        model_tag=result.model_tag,
     )
     if result.scores is not None:
         reply.scores.extend(result.scores.tolist())

@@ -215,6 +215,20 @@ class ServerConfig:
         256, "concurrent calls per HTTP/2 connection (MAX_CONCURRENT_STREAMS)", _int, low=1
     )
     max_sessions_per_token: int = setting(0, "open sessions per auth token; 0 = unlimited", _int, low=0)
+    on_update: str = setting(
+        "refill",
+        "what a session's cache does when its model's weights are updated (sessions may choose "
+        "at OpenSession): refill (re-prefill the kept history with the new weights on the next "
+        "step), keep (extend the old cache), reset (start the context over)",
+        choices=("refill", "keep", "reset"),
+    )
+    admin_token_file: Path | None = setting(
+        None,
+        "bearer tokens allowed to update weights (UpdateModel, PushWeights), one per line; "
+        "updates are off without it",
+        _file,
+        metavar="PATH",
+    )
     token_file: Path | None = setting(
         None,
         "bearer tokens, one per line (# comments); enables authentication; re-read within a "

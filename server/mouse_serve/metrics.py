@@ -76,6 +76,22 @@ class Metrics:
             "mouse_model_load_seconds", "Time it took to load the model.", ["model"], registry=r
         )
         self.model_info = Info("mouse_model", "Hosted model.", ["model"], registry=r)
+        self.model_version = Gauge(
+            "mouse_model_version", "Version of the weights now served (1 at start-up).", ["model"], registry=r
+        )
+        self.model_updates = Counter(
+            "mouse_model_updates",
+            "Weight updates by result (ok, refused, failed).",
+            ["model", "result"],
+            registry=r,
+        )
+        self.model_update_seconds = Histogram(
+            "mouse_model_update_seconds",
+            "Time from receiving a weight update to serving it.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self._request_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._http = None
 
@@ -87,6 +103,7 @@ class Metrics:
         self.pool_bytes.labels(name, "used").set(0)
         self.active_sessions.labels(name).set(0)
         self.queue_length.labels(name).set(0)
+        self.model_version.labels(name).set(runner.version)
         self.model_info.labels(name).info(
             {
                 "source": runner.spec.source,
@@ -96,6 +113,12 @@ class Metrics:
                 "action_head": runner.model.action_head,
             }
         )
+
+    def model_update(self, model: str, result: str, seconds: float, version: int) -> None:
+        self.model_updates.labels(model, result).inc()
+        self.model_version.labels(model).set(version)
+        if result == "ok":
+            self.model_update_seconds.labels(model).observe(seconds)
 
     def sessions_changed(self, model: str, count: int, used_bytes: int) -> None:
         self.active_sessions.labels(model).set(count)

@@ -59,6 +59,7 @@ class _Pending:
     deadline: float | None  # time.monotonic() deadline; only checked before the first chunk
     queued_at: float = field(default_factory=time.monotonic)
     done_steps: int = 0  # steps already applied (chunks of a prefill)
+    oldest_version: int = 0  # model version of its first chunk (weights may change between chunks)
 
     @property
     def started(self) -> bool:
@@ -273,11 +274,13 @@ class Scheduler:
             finished = []
             for p, item, result in zip(batch, items, results, strict=True):
                 p.done_steps += item.num_steps
+                p.oldest_version = p.oldest_version or result.model_version
                 if p.done_steps < p.item.num_steps:
                     self._prefills.append(p)  # its next chunk runs in a later batch
                     continue
                 finished.append(p)
                 self._replied[p.item.slot] = done
+                result.oldest_version = p.oldest_version
                 if not p.future.done():
                     p.future.set_result(result)
             if self._on_batch is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import signal
 import socket
@@ -19,23 +18,18 @@ from grpc_reflection.v1alpha import reflection
 from mouse_client.v1 import action_service_pb2 as pb
 from mouse_serve.auth import TokenAuth
 from mouse_serve.config import ServerConfig
+from mouse_serve.memory import release_free_memory
 from mouse_serve.metrics import Metrics
 from mouse_serve.runner import ModelRunner
 from mouse_serve.scheduler import Scheduler
 from mouse_serve.service import ActionService, add_to_server
-from mouse_serve.sessions import ContextPolicy, SessionManager
+from mouse_serve.sessions import ContextPolicy, SessionManager, UpdatePolicy
+from mouse_serve.updates import ModelUpdater
 
 log = logging.getLogger("mouse_serve")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ActionService"].full_name
 EXPIRY_INTERVAL_S = 1.0
 TRIM_INTERVAL_S = 30.0
-
-
-def release_free_memory() -> None:
-    """Hand the heap's free pages back to the OS (glibc), so ever-changing tensor shapes do not
-    ratchet resident memory up; a no-op elsewhere."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -91,17 +85,21 @@ class Server:
             runners,
             self.schedulers,
             default_policy=ContextPolicy[config.context_policy.upper()],
+            default_on_update=UpdatePolicy[config.on_update.upper()],
             idle_timeout_s=config.idle_timeout,
             max_sessions_per_owner=config.max_sessions_per_token,
             max_pending_per_session=config.max_pending_per_session,
             metrics=self.metrics,
         )
         self.auth = TokenAuth(config.token_file) if config.token_file else None
+        self.admin = TokenAuth(config.admin_token_file) if config.admin_token_file else None
         self.service = ActionService(
             self.sessions,
             max_steps_per_request=config.max_steps_per_request,
             max_requests_per_stream=config.max_requests_per_stream,
             auth=self.auth,
+            admin=self.admin,
+            updater=ModelUpdater(runners, self.executor, self.metrics) if self.admin else None,
         )
         self.health = health.aio.HealthServicer()
         self.grpc = grpc.aio.server(
@@ -160,8 +158,9 @@ class Server:
         while True:
             await asyncio.sleep(EXPIRY_INTERVAL_S)
             self.sessions.expire_idle()
-            if self.auth is not None:
-                self.auth.reload_if_changed()
+            for auth in (self.auth, self.admin):
+                if auth is not None:
+                    auth.reload_if_changed()
             if time.monotonic() - trimmed > TRIM_INTERVAL_S:
                 release_free_memory()
                 trimmed = time.monotonic()

@@ -13,8 +13,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -24,11 +27,21 @@ from mouse_client.v1 import action_service_pb2 as pb
 from mouse_client.v1 import action_service_pb2_grpc as pb_grpc
 from mouse_serve.auth import TokenAuth
 from mouse_serve.codec import action_reply, decode_steps, model_info, open_reply
-from mouse_serve.errors import ServiceError, internal, invalid, unavailable
+from mouse_serve.errors import (
+    ServiceError,
+    failed_precondition,
+    internal,
+    invalid,
+    permission_denied,
+    unavailable,
+)
+from mouse_serve.runner import ModelRunner
 from mouse_serve.sessions import SessionManager, SessionSettings
+from mouse_serve.updates import ModelUpdater, UpdateOutcome, upload_limit
 
 log = logging.getLogger(__name__)
 SESSION_HEADER = "mouse-session-id"
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 T = TypeVar("T")
 
 
@@ -113,9 +126,13 @@ class ActionService(pb_grpc.ActionServiceServicer):
         max_steps_per_request: int,
         max_requests_per_stream: int = 16,
         auth: TokenAuth | None = None,
+        admin: TokenAuth | None = None,
+        updater: ModelUpdater | None = None,
     ) -> None:
         self.sessions = sessions
         self.metrics = sessions.metrics
+        self.admin = admin
+        self.updater = updater
         self.max_steps_per_request = max_steps_per_request
         self.max_requests_per_stream = max_requests_per_stream
         self.auth = auth
@@ -187,6 +204,46 @@ class ActionService(pb_grpc.ActionServiceServicer):
     def _owner(self, context: grpc.aio.ServicerContext) -> str | None:
         """The session owner of the call's bearer token (None without authentication)."""
         return self.auth.owner(_header(context, "authorization")) if self.auth else None
+
+    def _check_admin(self, context: grpc.aio.ServicerContext) -> None:
+        """Weight updates need an admin token (--admin-token-file); a worker token is not one."""
+        if self.admin is None or self.updater is None:
+            raise failed_precondition(
+                "model updates are disabled on this server; start it with --admin-token-file.",
+                "UPDATES_DISABLED",
+            )
+        header = _header(context, "authorization")
+        try:
+            self.admin.owner(header)
+        except ServiceError:
+            if self.auth is not None:
+                try:
+                    self.auth.owner(header)
+                except ServiceError:
+                    pass
+                else:
+                    raise permission_denied(
+                        "this token may act but not update models; use an admin token."
+                    ) from None
+            raise
+
+    async def _admin_call(
+        self, method: str, context: grpc.aio.ServicerContext, handler: Callable[[], Awaitable[T]]
+    ) -> T:
+        """An admin RPC: admin token, counted and timed, errors as statuses."""
+        started = time.perf_counter()
+        self._begin()
+        try:
+            self._check_admin(context)
+            reply = await handler()
+        except Exception as exc:
+            err = _status(exc)
+            self.metrics.observe_request(method, err.code.name, time.perf_counter() - started)
+            await context.abort(err.code, err.message, err.trailing_metadata())
+        finally:
+            self._end()
+        self.metrics.observe_request(method, "OK", time.perf_counter() - started)
+        return reply
 
     @staticmethod
     def _check_header(context: grpc.aio.ServicerContext, session_id: str) -> None:
@@ -269,6 +326,7 @@ class ActionService(pb_grpc.ActionServiceServicer):
                 else None,
                 session_id=request.session_id or header or "",
                 start_seq=request.start_seq,
+                on_update=request.on_update,
             )
             session = self.sessions.open(settings, owner)
             return open_reply(session, self._model_info(session.model))
@@ -375,3 +433,99 @@ class ActionService(pb_grpc.ActionServiceServicer):
             return pb.CloseSessionResponse()
 
         return await self._unary("CloseSession", request, context, handle)
+
+    async def UpdateModel(
+        self, request: pb.UpdateModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateModelResponse:
+        async def handle() -> pb.UpdateModelResponse:
+            if isinstance(request, Malformed):
+                raise request.error
+            assert self.updater is not None
+            runner = self.sessions.runner(request.model)
+            done = await self.updater.from_source(runner, request.source, request.revision, request.tag)
+            return pb.UpdateModelResponse(**_update_reply(done))
+
+        return await self._admin_call("UpdateModel", context, handle)
+
+    async def PushWeights(
+        self, request_iterator: AsyncIterator[pb.PushWeightsRequest], context: grpc.aio.ServicerContext
+    ) -> pb.PushWeightsResponse:
+        async def handle() -> pb.PushWeightsResponse:
+            assert self.updater is not None
+            with tempfile.TemporaryDirectory(prefix="mouse-serve-upload-") as folder:
+                path = Path(folder) / "weights.safetensors"
+                runner, tag = await self._receive_upload(request_iterator, path, time.perf_counter())
+                done = await self.updater.from_upload(runner, path, tag)
+            return pb.PushWeightsResponse(**_update_reply(done))
+
+        return await self._admin_call("PushWeights", context, handle)
+
+    async def _receive_upload(
+        self, chunks: AsyncIterator[pb.PushWeightsRequest | Malformed], path: Path, started: float
+    ) -> tuple[ModelRunner, str]:
+        """Write a PushWeights upload to `path`, checking its declared size and SHA-256."""
+        header: pb.PushWeightsRequest | None = None
+        runner: ModelRunner | None = None
+        digest, size = hashlib.sha256(), 0
+        try:
+            with path.open("wb") as out:
+                async for chunk in chunks:
+                    if isinstance(chunk, Malformed):
+                        raise chunk.error
+                    if header is None:
+                        header = chunk
+                        runner = self.sessions.runner(chunk.model)
+                        _check_upload_header(chunk, runner)
+                    elif (chunk.model, chunk.total_bytes, chunk.sha256) not in (
+                        ("", 0, ""),
+                        (header.model, header.total_bytes, header.sha256),
+                    ):
+                        raise invalid("a later chunk names another model, size or sha256 than the first.")
+                    size += len(chunk.data)
+                    if size > header.total_bytes:
+                        raise invalid(
+                            f"the upload is longer than its total_bytes {header.total_bytes}.",
+                            "UPLOAD_TOO_LONG",
+                        )
+                    digest.update(chunk.data)
+                    out.write(chunk.data)
+            if header is None or runner is None:
+                raise invalid("PushWeights carried no chunk; the first one names the model, size and sha256.")
+            if size < header.total_bytes:
+                raise invalid(
+                    f"the upload is truncated: {size} of {header.total_bytes} bytes arrived.",
+                    "UPLOAD_TRUNCATED",
+                )
+            if digest.hexdigest() != header.sha256:
+                raise invalid(
+                    f"the upload's SHA-256 is {digest.hexdigest()}, not the declared {header.sha256}; it was "
+                    "corrupted on the way.",
+                    "UPLOAD_CHECKSUM_MISMATCH",
+                )
+        except ServiceError:
+            if runner is not None:  # the upload named a model: count its refusal
+                self.metrics.model_update(
+                    runner.spec.name, "refused", time.perf_counter() - started, runner.version
+                )
+            raise
+        return runner, header.tag
+
+
+def _check_upload_header(first: pb.PushWeightsRequest, runner: ModelRunner) -> None:
+    limit = upload_limit(runner)
+    if not 0 < first.total_bytes <= limit:
+        raise invalid(
+            f"total_bytes must be in [1, {limit}] for model {runner.spec.name!r}, got {first.total_bytes}.",
+            field="total_bytes",
+        )
+    if not SHA256_HEX.match(first.sha256):
+        raise invalid(f"sha256 must be 64 lower-case hex digits, got {first.sha256!r}.", field="sha256")
+
+
+def _update_reply(done: UpdateOutcome) -> dict[str, object]:
+    return {
+        "model": done.model,
+        "model_version": done.version,
+        "model_tag": done.tag,
+        "seconds": done.seconds,
+    }

@@ -60,6 +60,15 @@ class ContextPolicy(IntEnum):
     REJECT = 3
 
 
+class UpdatePolicy(IntEnum):
+    """Mirrors mouse.action.v1.UpdatePolicy: what a session's cache does after a weight update."""
+
+    UNSPECIFIED = 0
+    REFILL = 1
+    KEEP = 2
+    RESET = 3
+
+
 class StepHistory:
     """The most recent `capacity` steps of a session, per field."""
 
@@ -104,6 +113,8 @@ class ActionResult:
     scores: np.ndarray | None
     context_steps: int
     context_truncated: bool
+    model_version: int
+    model_tag: str
 
 
 @dataclass
@@ -118,6 +129,8 @@ class Session:
     policy: ContextPolicy
     max_context_steps: int
     history: StepHistory
+    on_update: UpdatePolicy = UpdatePolicy.REFILL
+    cache_version: int = 0  # oldest model version whose K/V the cache holds (0: empty)
     start_seq: int = 0
     last_seq: int = 0
     last_digest: bytes = b""  # of the request that produced last_reply
@@ -143,6 +156,7 @@ class SessionSettings:
     max_context_steps: int | None = None
     session_id: str = ""
     start_seq: int = 0
+    on_update: int = UpdatePolicy.UNSPECIFIED
 
 
 class SessionManager:
@@ -155,6 +169,7 @@ class SessionManager:
         *,
         default_policy: ContextPolicy,
         idle_timeout_s: float,
+        default_on_update: UpdatePolicy = UpdatePolicy.REFILL,
         max_sessions_per_owner: int = 0,
         max_pending_per_session: int = 4,
         metrics: Metrics | None = None,
@@ -162,6 +177,7 @@ class SessionManager:
         self.runners = runners
         self.schedulers = schedulers
         self.default_policy = default_policy
+        self.default_on_update = default_on_update
         self.idle_timeout_s = idle_timeout_s
         self.max_sessions_per_owner = max_sessions_per_owner
         self.max_pending_per_session = max_pending_per_session
@@ -208,6 +224,11 @@ class SessionManager:
                 f"context_policy {settings.policy} is unknown; expected 0-3 (see ContextPolicy).",
                 field="context_policy",
             )
+        if settings.on_update not in UpdatePolicy._value2member_map_:
+            raise invalid(
+                f"on_update {settings.on_update} is unknown; expected 0-3 (see UpdatePolicy).",
+                field="on_update",
+            )
         session_id = settings.session_id or secrets.token_urlsafe(16)
         if not SESSION_ID.match(session_id):
             raise invalid(
@@ -249,6 +270,7 @@ class SessionManager:
             policy=ContextPolicy(settings.policy) or self.default_policy,
             max_context_steps=settings.max_context_steps or limit,
             history=StepHistory(settings.max_context_steps or limit),
+            on_update=UpdatePolicy(settings.on_update) or self.default_on_update,
             start_seq=settings.start_seq,
             last_seq=settings.start_seq,
         )
@@ -309,11 +331,15 @@ class SessionManager:
         async with session.lock:
             if session.closed:
                 raise self._gone_error(session.id)
-            session.history.clear()
-            session.context_steps = 0
-            session.empty_slot = True
-            session.resync = False
+            self._clear_context(session)
             session.last_used = time.monotonic()
+
+    @staticmethod
+    def _clear_context(session: Session) -> None:
+        session.history.clear()
+        session.context_steps = 0
+        session.empty_slot = True
+        session.resync = False
 
     def expire_idle(self, now: float | None = None) -> int:
         """Close sessions idle for longer than the timeout; returns how many."""
@@ -407,7 +433,12 @@ class SessionManager:
                 last_seq=last,
             )
 
-        window, total, reset, truncated = self._window(session, steps, num_steps)
+        runner = self.runners[session.model]
+        stale = session.context_steps > 0 and session.cache_version < runner.version
+        if stale and session.on_update == UpdatePolicy.RESET:
+            self._clear_context(session)
+        rebuild = session.resync or (stale and session.on_update == UpdatePolicy.REFILL)
+        window, total, reset, truncated = self._window(session, steps, num_steps, rebuild)
         item = WorkItem(
             slot=session.slot,
             steps=window,
@@ -457,30 +488,40 @@ class SessionManager:
         truncated: bool,
     ) -> ActionResult:
         session.history.append(steps, num_steps)
-        session.context_steps = item.num_steps if item.reset else session.context_steps + num_steps
+        if item.reset:
+            session.context_steps = item.num_steps
+            session.cache_version = result.oldest_version or result.model_version
+        else:
+            session.context_steps += num_steps
+            session.cache_version = min(session.cache_version, result.oldest_version or result.model_version)
         session.resync = session.empty_slot = False
         session.last_seq = seq
         session.last_digest = digest
         session.last_reply = ActionResult(
-            session.id, seq, result.action, result.scores, session.context_steps, truncated
+            session.id,
+            seq,
+            result.action,
+            result.scores,
+            session.context_steps,
+            truncated,
+            result.model_version,
+            result.model_tag,
         )
         return session.last_reply
 
     def _window(
-        self, session: Session, steps: dict[str, np.ndarray], n: int
+        self, session: Session, steps: dict[str, np.ndarray], n: int, rebuild: bool
     ) -> tuple[dict[str, np.ndarray], int, bool, bool]:
         """The steps to feed for `n` new ones: (steps, count, empty the slot first, truncated).
 
-        At the context limit the history is re-prefilled per the session's policy; after a
-        failed forward (`resync`) the kept history is replayed in front of the new steps.
+        `rebuild` re-prefills the session's context from its kept history in front of the new
+        steps (after a failed forward, or to refill the cache with updated weights). At the
+        context limit the history is re-prefilled per the session's context policy.
         """
         limit = session.max_context_steps
-        prefix = 0
-        truncated = False
-        if session.resync:
-            prefix = min(len(session.history), max(limit - n, 0))
-        elif session.context_steps + n > limit:
-            truncated = True
+        kept = session.context_steps if rebuild else 0  # context steps replayed from the history
+        truncated = session.context_steps + n > limit
+        if truncated:
             if session.policy == ContextPolicy.REJECT:
                 raise failed_precondition(
                     f"session {session.id!r} holds {session.context_steps} of {limit} context steps and "
@@ -488,15 +529,14 @@ class SessionManager:
                     "CONTEXT_FULL",
                     last_seq=session.last_seq,
                 )
-            if session.policy == ContextPolicy.SLIDING:
-                prefix = min(len(session.history), max(limit // 2 - n, 0))
-        if truncated:
+            kept = max(limit // 2 - n, 0) if session.policy == ContextPolicy.SLIDING else 0
             self.metrics.context_eviction(session.model, session.policy.name.lower())
-        reset = session.resync or truncated or session.empty_slot
-        if prefix:
-            old = session.history.recent(prefix)
+        kept = min(kept, len(session.history))
+        reset = rebuild or truncated or session.empty_slot
+        if kept:
+            old = session.history.recent(kept)
             steps = {k: np.concatenate([old[k], v]) for k, v in steps.items()}
-        total = prefix + n
+        total = kept + n
         if total > limit:  # a prefill longer than the context keeps its most recent steps
             steps = {k: v[total - limit :] for k, v in steps.items()}
             total, reset, truncated = limit, True, True
