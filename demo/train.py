@@ -203,6 +203,7 @@ def model_card(metrics: dict[str, Any]) -> str:
         schedule=tr["schedule"],
         seconds=tr["seconds"],
         cpu_seconds=tr["cpu_seconds"],
+        load=tr["load_average"],
         machine=tr["machine"],
         final_kl=tr["log"][-1]["kl"],
         params=metrics["parameters"],
@@ -261,7 +262,8 @@ same outputs and greedy actions (golden case `tests/fixtures/golden_extra/demo_b
 {command}
 ```
 Schedule (session steps x sessions per iteration x iterations): {schedule}; {seconds:.0f} s wall,
-{cpu_seconds:.0f} s CPU (1 torch thread plus one process sampling the batches) on {machine}.
+{cpu_seconds:.0f} s CPU (1 torch thread plus one process sampling the batches) on {machine}, with a
+15-minute load average of {load} at the end (other jobs sharing the cores slow the wall time).
 Final KL to the posterior (last training batch): {final_kl:.4f} nats. The same command gives the
 same weights on the same machine (`metrics.json` has the training log).
 
@@ -326,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             "data_workers": args.data_workers,
             "seconds": round(seconds, 1),
             "cpu_seconds": round(cpu_seconds, 1),
+            "load_average": round(os.getloadavg()[2], 1),  # 15 min: other jobs sharing the cores
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
             "log": log,
         },
