@@ -88,16 +88,16 @@ class LocalActor:
             "obs_continuous": torch.from_numpy(np.stack([r["obs_continuous"] for r in flat])),
         }
         self.seq += 1
+        uniform = torch.from_numpy(counter_uniform(self.seeds, self.seq))
+        temperature = torch.full((n,), self.temperature)
+        num_actions = torch.full((n,), model.max_num_actions)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # as the server runs small forwards: faster, and the same kernels
         try:
             scores = model.forward_batch(steps, self.pool, self.slots, counts)
+            return sample_actions(scores, temperature, num_actions, uniform).numpy()
         finally:
             torch.set_num_threads(threads)
-        uniform = torch.from_numpy(counter_uniform(self.seeds, self.seq))
-        temperature = torch.full((n,), self.temperature)
-        num_actions = torch.full((n,), model.max_num_actions)
-        return sample_actions(scores, temperature, num_actions, uniform).numpy()
 
     def reset(self) -> None:
         for slot in self.slots:

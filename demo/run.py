@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each mode")
     parser.add_argument("--modes", default="batch,stream,unary", help="comma-separated: batch, stream, unary")
     parser.add_argument(
-        "--curve-sessions", type=int, default=64, help="sessions of the learning curve (0: skip it)"
+        "--curve-sessions", type=int, default=32, help="sessions of the learning curve (0: skip it)"
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
