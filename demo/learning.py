@@ -145,12 +145,17 @@ class Curve:
         """Expected regret per pull of the uniformly random policy on the same tasks."""
         return float(random_policy_regret(self.means).mean())
 
+    def windows(self, after_reset: bool = False) -> list[tuple[int, int]]:
+        """The windows of `WINDOWS` (or `WINDOWS_AFTER_RESET`) that these sessions played."""
+        pulls = (self.regret_after_reset if after_reset else self.regret).shape[1]
+        return [(lo, hi) for lo, hi in (WINDOWS_AFTER_RESET if after_reset else WINDOWS) if hi <= pulls]
+
     def summary(self) -> dict[str, Any]:
         return {
             "sessions": len(self.means),
             "random": self.random_regret,
-            "windows": {f"{lo}-{hi}": self.window(lo, hi) for lo, hi in WINDOWS},
-            "after_reset": {f"{lo}-{hi}": self.window(lo, hi, True) for lo, hi in WINDOWS_AFTER_RESET},
+            "windows": {f"{lo}-{hi}": self.window(lo, hi) for lo, hi in self.windows()},
+            "after_reset": {f"{lo}-{hi}": self.window(lo, hi, True) for lo, hi in self.windows(True)},
         }
 
 
@@ -181,12 +186,11 @@ def learning_curve(
 
 def format_curves(curves: dict[str, Curve]) -> str:
     """A table: one row per window, one column per curve, plus the random policy."""
-    names = list(curves)
-    first = curves[names[0]]
-    width = max(10, *(len(n) for n in names))
-    lines = [f"  {'pulls':14s} {'random':>8s} " + " ".join(f"{n:>{width}s}" for n in names)]
-    rows = [(f"{lo}-{hi}", lo, hi, False) for lo, hi in WINDOWS]
-    rows += [(f"{lo}-{hi} (reset)", lo, hi, True) for lo, hi in WINDOWS_AFTER_RESET]
+    first = next(iter(curves.values()))
+    width = max(10, *(len(n) for n in curves))
+    lines = [f"  {'pulls':14s} {'random':>8s} " + " ".join(f"{n:>{width}s}" for n in curves)]
+    rows = [(f"{lo}-{hi}", lo, hi, False) for lo, hi in first.windows()]
+    rows += [(f"{lo}-{hi} (reset)", lo, hi, True) for lo, hi in first.windows(after_reset=True)]
     for label, lo, hi, after in rows:
         cells = " ".join(f"{c.window(lo, hi, after):{width}.3f}" for c in curves.values())
         lines.append(f"  {label:14s} {first.random_regret:8.3f} {cells}")

@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT = Path(__file__).parent / "checkpoint"
 REPORT_EVERY_S = 0.5
 CURVE_TASK_SEED = 1000  # the learning curve's tasks: BernoulliBandit.reset(seed=CURVE_TASK_SEED + i)
+CURVE_PULLS_AFTER_RESET = 50
 
 
 def _worker(target: str, mode: str, envs: int, seconds: float, seed: int, out: Any) -> None:
@@ -180,15 +181,16 @@ def run_learning_curve(target: str, args: argparse.Namespace) -> dict[str, Curve
     task_seeds = [CURVE_TASK_SEED + i for i in range(args.curve_sessions)]
     print(
         f"\n[learning] {args.curve_sessions} sessions, one bandit task each: {HORIZON} pulls from an "
-        "empty context, a context reset, 100 more pulls",
+        f"empty context, a context reset, {CURVE_PULLS_AFTER_RESET} more pulls",
         flush=True,
     )
     started = time.monotonic()
     with ActionClient(target) as client, client.open_sessions(args.curve_sessions, seed=0) as group:
-        served = learning_curve(ServedActor(group), task_seeds)
+        served = learning_curve(ServedActor(group), task_seeds, pulls_after_reset=CURVE_PULLS_AFTER_RESET)
     print(f"  through the server: {time.monotonic() - started:.1f}s", flush=True)
     started = time.monotonic()
-    local = learning_curve(LocalActor(load_model(CHECKPOINT), args.curve_sessions, seed=0), task_seeds)
+    actor = LocalActor(load_model(CHECKPOINT), args.curve_sessions, seed=0)
+    local = learning_curve(actor, task_seeds, pulls_after_reset=CURVE_PULLS_AFTER_RESET)
     print(f"  in this process:    {time.monotonic() - started:.1f}s", flush=True)
     return {"in-process": local, "server": served}
 
