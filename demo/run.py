@@ -16,6 +16,7 @@ import os
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -172,27 +173,34 @@ def run_mode(target: str, mode: str, args: argparse.Namespace) -> dict[str, floa
     return stats
 
 
-def run_learning_curve(target: str, args: argparse.Namespace) -> dict[str, Curve]:
-    """The learning curve on `args.curve_sessions` bandit tasks: through the server (a session
-    group, one BatchGetAction per pull, the server's default temperature 1) and in this process."""
-    from mouse_client import ActionClient
+def _in_process_curve(sessions: int, task_seeds: list[int]) -> Curve:
     from mouse_core import load_model
+
+    actor = LocalActor(load_model(CHECKPOINT), sessions, seed=0)
+    return learning_curve(actor, task_seeds, pulls_after_reset=CURVE_PULLS_AFTER_RESET)
+
+
+def run_learning_curve(target: str, args: argparse.Namespace) -> dict[str, Curve]:
+    """The learning curve on `args.curve_sessions` bandit tasks, through the server (a session
+    group, one BatchGetAction per pull, the server's default temperature 1) and, at the same
+    time in a thread, with the checkpoint in this process."""
+    from mouse_client import ActionClient
 
     task_seeds = [CURVE_TASK_SEED + i for i in range(args.curve_sessions)]
     print(
         f"\n[learning] {args.curve_sessions} sessions, one bandit task each: {HORIZON} pulls from an "
-        f"empty context, a context reset, {CURVE_PULLS_AFTER_RESET} more pulls",
+        f"empty context, a context reset, {CURVE_PULLS_AFTER_RESET} more pulls; through the server "
+        "and in this process",
         flush=True,
     )
     started = time.monotonic()
-    with ActionClient(target) as client, client.open_sessions(args.curve_sessions, seed=0) as group:
-        served = learning_curve(ServedActor(group), task_seeds, pulls_after_reset=CURVE_PULLS_AFTER_RESET)
-    print(f"  through the server: {time.monotonic() - started:.1f}s", flush=True)
-    started = time.monotonic()
-    actor = LocalActor(load_model(CHECKPOINT), args.curve_sessions, seed=0)
-    local = learning_curve(actor, task_seeds, pulls_after_reset=CURVE_PULLS_AFTER_RESET)
-    print(f"  in this process:    {time.monotonic() - started:.1f}s", flush=True)
-    return {"in-process": local, "server": served}
+    with ThreadPoolExecutor(1) as pool:  # the client mostly waits for replies: compute meanwhile
+        local = pool.submit(_in_process_curve, args.curve_sessions, task_seeds)
+        with ActionClient(target) as client, client.open_sessions(args.curve_sessions, seed=0) as group:
+            served = learning_curve(ServedActor(group), task_seeds, pulls_after_reset=CURVE_PULLS_AFTER_RESET)
+        curves = {"in-process": local.result(), "server": served}
+    print(f"  both done in {time.monotonic() - started:.1f}s", flush=True)
+    return curves
 
 
 def main(argv: list[str] | None = None) -> int:
