@@ -1,6 +1,6 @@
 """Train the demo model: a MOUSE model that learns Bernoulli bandits in context (demo/bandit.py).
 
-    .venv/bin/python -m demo.train                       # writes demo/checkpoint (about 12 min, 2 cores)
+    .venv/bin/python -m demo.train              # rewrites demo/checkpoint (about 15 min on 2 cores)
     .venv/bin/python -m demo.train --out /tmp/ckpt --schedule 50x8x20 --eval-sessions 16   # a quick try
 
 Objective (as decision-pretrained transformers train in-context learners): the policy head
@@ -8,11 +8,12 @@ Objective (as decision-pretrained transformers train in-context learners): the p
 that each arm is the best one given the pulls so far (`optimal_arm_posterior`). Sampling an
 action from that distribution is Thompson sampling, so the served model (default temperature 1)
 explores early and settles on the best arm as its context grows. Training sessions are played by
-epsilon-Thompson sampling (see `sample_histories`). The forward is `mouse_core.training`'s
-differentiable full-sequence forward; the checkpoint is written with `mouse_core.save_model`
-in the reference layout, together with `metrics.json` and the model card `README.md`.
+a mix of behaviour policies (see `sample_histories`), short sessions first (`SCHEDULE`). The
+forward is `mouse_core.training`'s differentiable full-sequence forward; the checkpoint is
+written with `mouse_core.save_model` in the reference layout, with `metrics.json` (training log,
+figures) and the model card `README.md` (evaluation on held-back task instances).
 
-Seeded and reproducible: the same `--seed`, iterations and thread count give the same weights
+Seeded and reproducible: the same `--seed`, `--schedule` and `--threads` give the same weights
 on the same machine, and the same figures within noise elsewhere.
 """
 
@@ -139,7 +140,7 @@ def batches(seed: int, schedule: list[Phase], workers: int) -> Iterator[Historie
             yield pending.popleft().get()
 
 
-def train(model: Model, args: argparse.Namespace, log: Any = print) -> list[dict[str, float]]:
+def train(model: Model, args: argparse.Namespace) -> list[dict[str, float]]:
     """Fit `model`'s `sp` head to the optimal-arm posterior; returns the logged losses."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
@@ -167,7 +168,7 @@ def train(model: Model, args: argparse.Namespace, log: Any = print) -> list[dict
                 "seconds": time.monotonic() - started,
             }
             history.append(row)
-            log(
+            print(
                 f"  it {step:5d}  cross-entropy {row['loss']:.4f}  KL to posterior {row['kl']:.4f}  "
                 f"{row['seconds']:6.0f}s",
                 flush=True,
