@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 NUM_ARMS = 5
-HORIZON = 500  # pulls per episode; a session of one episode is HORIZON + 1 step records
+HORIZON = 500  # pulls per episode (its step records: the reset record, then one per pull)
 OBS_DIM = 4  # a bandit has no state: the observation is a constant zero vector of this size
 POSTERIOR_GRID = 256
 
