@@ -3,18 +3,37 @@ and the server gives the actions the checkpoint gives in-process."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
+from demo import train as train_script
+from demo.bandit import HORIZON
 from demo.learning import LocalActor, ServedActor, learning_curve
 from mouse_client import ActionClient
-from mouse_core import load_model
+from mouse_core import ModelConfig, load_model
 from tests.server_process import REPO, ServerProcess
 
 CHECKPOINT = REPO / "demo" / "checkpoint"
 TASK_SEED = 20_000  # held back: training samples its own tasks, the model card evaluates 10_000 + i
+
+
+def test_shipped_checkpoint_is_the_training_scripts_and_fits_a_session() -> None:
+    """The shipped weights come from `demo/train.py` with its defaults, meet the issue's bar on
+    200 held-back tasks, and a whole episode fits the server's default context and the time table."""
+    config = ModelConfig.from_dict(json.loads((CHECKPOINT / "config.json").read_text()))
+    assert config.to_dict() == train_script.CONFIG
+    assert config.max_steps is not None and config.max_steps >= HORIZON + 1  # the default context limit
+    assert config.embedding.max_num_time_steps > HORIZON
+    metrics = json.loads((CHECKPOINT / "metrics.json").read_text())
+    assert metrics["command"] == ".venv/bin/python -m demo.train"
+    ev = metrics["evaluation"]
+    assert ev["sessions"] >= 200
+    assert ev["windows"]["401-500"] <= 0.3 * ev["random"]
+    assert ev["windows"]["401-500"] <= 0.5 * ev["windows"]["1-50"]
+    assert (CHECKPOINT / "README.md").read_text().count("| 401-500 |") == 1
 
 
 @pytest.fixture(scope="module")
