@@ -106,18 +106,18 @@ def test_mixed_models_map_boundaries_and_padding(
 
     recipe = Recipe(4, [("obs_continuous", 6)] * 2 + [("obs_discrete", 16)] * 2, [64] * 4, fresh_tasks=False)
     seen_actions: set[int] = set()
-    with ActionClient(adapter_server.target) as client:
-        with RemoteAgent(client, env, model=choose, task_boundary="map", seed=1) as agent:
-            assert [s.model.name for s in agent.group.sessions] == ["cont", "cont", "disc", "disc"]
-            inputs = agent.initial_inputs()
-            for _ in range(300):
-                outputs = env.step(inputs)
-                recipe.add(inputs, outputs)
-                inputs = agent.act(outputs)
-                seen_actions.update(int(x["action"]) for x in inputs[:2])
-            assert seen_actions <= {0, 1}  # num_actions=2 from CartPole's action space
-            refs = [Reference(models["cont"])] * 2 + [Reference(models["disc"])] * 2
-            check_contexts(agent, recipe, refs, [2, 2, 3, 3])
+    client = ActionClient(adapter_server.target)
+    with client, RemoteAgent(client, env, model=choose, task_boundary="map", seed=1) as agent:
+        assert [s.model.name for s in agent.group.sessions] == ["cont", "cont", "disc", "disc"]
+        inputs = agent.initial_inputs()
+        for _ in range(300):
+            outputs = env.step(inputs)
+            recipe.add(inputs, outputs)
+            inputs = agent.act(outputs)
+            seen_actions.update(int(x["action"]) for x in inputs[:2])
+        assert seen_actions <= {0, 1}  # num_actions=2 from CartPole's action space
+        refs = [Reference(models["cont"])] * 2 + [Reference(models["disc"])] * 2
+        check_contexts(agent, recipe, refs, [2, 2, 3, 3])
     assert max(max(c["time"] for c in ctx) for ctx in recipe.contexts[2:]) == 63  # clipped
     assert any(c["done"] for ctx in recipe.contexts for c in ctx)
 
@@ -146,23 +146,23 @@ def test_error_policies_name_the_instance(adapter_server: ServerProcess) -> None
                 inputs = agent.act(env.step(inputs))
     synth = {"obs_size": 8, "action_size": 3, "map_seed": 0, "goal_prob": 0.0}
     env = make_env([EnvConfig(id="SyntheticEnv-v1", reset_seed=0, kwargs=synth)])
-    with ActionClient(adapter_server.target) as client:
-        with RemoteAgent(client, env, model="disc", time_policy="error") as agent:
-            inputs = agent.initial_inputs()
-            with pytest.raises(ValidationError, match=r"instance 0 \(SyntheticEnv-v1\): time 64 is beyond"):
-                for _ in range(100):
-                    inputs = agent.act(env.step(inputs))
+    client = ActionClient(adapter_server.target)
+    with client, RemoteAgent(client, env, model="disc", time_policy="error") as agent:
+        inputs = agent.initial_inputs()
+        with pytest.raises(ValidationError, match=r"instance 0 \(SyntheticEnv-v1\): time 64 is beyond"):
+            for _ in range(100):
+                inputs = agent.act(env.step(inputs))
 
 
 def test_async_agent(adapter_server: ServerProcess) -> None:
     env = make_env([EnvConfig(id="CartPole-v1", reset_seed=i, episodes_per_task=2) for i in range(4)])
 
     async def run() -> int:
-        async with AsyncActionClient(adapter_server.target) as client:
-            async with AsyncRemoteAgent(client, env, seed=0) as agent:
-                inputs = agent.initial_inputs()
-                for _ in range(200):
-                    inputs = await agent.act(env.step(inputs))
-                return int(agent.group.sessions[0].seq)
+        client = AsyncActionClient(adapter_server.target)
+        async with client, AsyncRemoteAgent(client, env, seed=0) as agent:
+            inputs = agent.initial_inputs()
+            for _ in range(200):
+                inputs = await agent.act(env.step(inputs))
+            return int(agent.group.sessions[0].seq)
 
     assert asyncio.run(run()) > 150
