@@ -38,13 +38,17 @@ TWINS = [
 ]
 
 
+DUNDERS = {
+    "__enter__": "__aenter__",
+    "__exit__": "__aexit__",
+    "__len__": "__len__",
+    "__getitem__": "__getitem__",
+}
+
+
 def public(cls: type) -> dict[str, object]:
-    names = {
-        n
-        for n in dir(cls)
-        if not n.startswith("_") or n in ("__enter__", "__exit__", "__len__", "__getitem__")
-    }
-    return {n: getattr(cls, n) for n in names}
+    keep = set(DUNDERS) | set(DUNDERS.values())
+    return {n: getattr(cls, n) for n in dir(cls) if not n.startswith("_") or n in keep}
 
 
 @pytest.mark.parametrize(("sync", "aio"), TWINS, ids=[s.__name__ for s, _ in TWINS])
