@@ -9,7 +9,9 @@ import pytest
 
 from tests.server_process import REPO, ServerProcess
 
-FENCE = re.compile(r"(?:^<!-- illustrative: (?P<reason>[^>]*?) -->\n)?^```python\n(?P<code>.*?)^```", re.M | re.S)
+FENCE = re.compile(
+    r"(?:^<!-- illustrative: (?P<reason>[^>]*?) -->\n)?^```python\n(?P<code>.*?)^```", re.M | re.S
+)
 README_TARGET = "127.0.0.1:50051"
 
 
