@@ -474,6 +474,7 @@ class SessionCore:
         self.closed = False
         self.lost = False
         self.recoveries = 0
+        self.epoch = 0  # +1 whenever the context changes (a request applied, a reset)
 
     @property
     def model(self) -> pb.ModelInfo:
@@ -499,7 +500,8 @@ class SessionCore:
         self.outbox.popleft()
         self.seq = out.request.seq
         if out.steps is None:
-            return None
+            return None  # a replay of kept history: the context is what it was
+        self.epoch += 1
         self.history.add(out.steps, out.n)
         return (out.key, reply) if out.key is not None else None
 
@@ -627,6 +629,7 @@ class SessionCore:
             self.lost = True
             yield from self.deliver_plan(budget, unary_send)  # reopens it, empty
         self.history.clear()
+        self.epoch += 1
 
     def close_plan(self, budget: Budget) -> Plan[None]:
         """Close (a session the server already dropped counts as closed)."""
@@ -674,7 +677,8 @@ class GroupCore:
         if not sessions:
             raise ValidationError("a session group needs at least one session.")
         self.sessions = list(sessions)
-        self._retry_replies: dict[int, tuple[Key, pb.GetActionResponse]] = {}
+        # group index -> (key, reply, session epoch) of entries applied in a call that failed
+        self._retry_replies: dict[int, tuple[Key, pb.GetActionResponse, int]] = {}
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -740,7 +744,9 @@ class GroupCore:
         for i, (enc, n), key in zip(picked, encoded, keys, strict=True):
             if i in errors:
                 continue
-            earlier = settled.get(i) or memory.get(i)
+            earlier = settled.get(i)
+            if earlier is None and i in memory and memory[i][2] == self.sessions[i].epoch:
+                earlier = memory[i][:2]  # nothing happened to the session since the failed call
             if earlier is not None and earlier[0] == key:
                 replies[i] = earlier[1]
                 continue
@@ -755,7 +761,7 @@ class GroupCore:
             for i, key in zip(picked, keys, strict=True):
                 session = self.sessions[i]
                 if i in replies:
-                    self._retry_replies[i] = (key, replies[i])
+                    self._retry_replies[i] = (key, replies[i], session.epoch)
                     outcomes.append(EntryOutcome(i, session.id, "applied", action=int(replies[i].action)))
                 else:
                     err = errors[i]
