@@ -30,7 +30,12 @@ class Reference:
             values = np.stack([np.asarray(r[spec.name]) for r in records])
             dtype = torch.float32 if spec.kind == "float" else torch.int64
             stream[spec.name] = torch.as_tensor(values, dtype=dtype).unsqueeze(0)
-        out, _ = self.model(stream)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny forwards: threads only contend (the server runs beside)
+        try:
+            out, _ = self.model(stream)
+        finally:
+            torch.set_num_threads(threads)
         raw = out[self.model.action_head][0, -1]
         scores = vec_dqn_scores(raw) if self.model.action_head == "vec_dqn" else raw
         return scores[: num_actions or scores.shape[-1]].float().numpy()
