@@ -433,18 +433,19 @@ def _message(columns: dict[str, np.ndarray]) -> pb.Steps:
     return msg
 
 
-def replay_chunks(parts: list[tuple[pb.Steps, int]], cap: int) -> list[tuple[pb.Steps, int]]:
-    """The steps of `parts`, in order, re-cut into messages of at most `cap` steps (the last one
-    full, so the replay takes the fewest requests)."""
+def replay_chunks(parts: list[tuple[pb.Steps, int]], cap: int, limit: int = 0) -> list[tuple[pb.Steps, int]]:
+    """The last `limit` steps (all when 0) of `parts`, in order, re-cut into messages of at most
+    `cap` steps (the last one full, so the replay takes the fewest requests)."""
     total = sum(n for _, n in parts)
     if total == 0:
         return []
     cols = [_columns(s, n) for s, n in parts]
     merged = {name: np.concatenate([c[name] for c in cols]) for name in cols[0]}
-    bounds = list(range(total, 0, -cap))[::-1]
-    starts = [max(0, b - cap) for b in bounds]
+    first = max(0, total - limit) if limit else 0
+    bounds = list(range(total, first, -cap))[::-1]
     return [
-        (_message({k: v[a:b] for k, v in merged.items()}), b - a) for a, b in zip(starts, bounds, strict=True)
+        (_message({k: v[max(first, b - cap) : b] for k, v in merged.items()}), b - max(first, b - cap))
+        for b in bounds
     ]
 
 
@@ -533,7 +534,7 @@ class SessionCore:
         target = self.outbox[-1].request.seq if self.outbox else self.seq
         cap = self.model.max_steps_per_request or 1 << 30
         parts = self.history.parts() + ([(tail.steps, tail.n)] if tail and tail.steps is not None else [])
-        chunks = replay_chunks(parts, cap)
+        chunks = replay_chunks(parts, cap, self.opened.max_context_steps)
         start = max(0, target - len(chunks))
         opened = yield from open_plan(budget, self.options, self.id, start, any_id=True)
         self.opened, self.id = opened, opened.session_id

@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -31,7 +31,7 @@ from tests.server_process import ServerProcess
 
 CASE = next(c for c in golden_cases() if c.name == "llama_gqa_long")
 SESSIONS = 3
-RESTARTS = 4  # server restarts per test run (each costs a model load)
+RESTARTS = 3  # server restarts per test run (each costs a model load)
 MAX_TIME = 64
 
 
@@ -105,6 +105,9 @@ class SessionMachine(RuleBasedStateMachine):
         self.context: list[list[dict[str, Any]]] = [[] for _ in range(SESSIONS)]
         self.pending: list[list[dict[str, Any]] | None] = [None] * SESSIONS
         self.failed_call: tuple[list[list[dict[str, Any]]], list[int]] | None = None
+        # the group's memory of a failed call: entries applied in it, while nothing else changed
+        # their session; the group's next call with the same records gets their recorded reply
+        self.memory: dict[int, list[dict[str, Any]]] = {}
 
     @initialize()
     def open_group(self) -> None:
@@ -122,21 +125,25 @@ class SessionMachine(RuleBasedStateMachine):
         ref = self.w.reference.scores(records)
         assert list(reply.scores) == pytest.approx(list(ref), rel=1e-4, abs=1e-5)
 
+    def add(self, k: int, recs: list[dict[str, Any]]) -> None:
+        self.context[k] += recs
+        self.memory.pop(k, None)
+
     def settle(self, k: int, recs: list[dict[str, Any]] | None = None) -> None:
         """The next call on session k applied its pending records (unless it is their retry)."""
         pending, self.pending[k] = self.pending[k], None
         if pending is not None and pending != recs:
-            self.context[k] += pending
+            self.add(k, pending)
 
     def probe(self, k: int, rec: dict[str, Any]) -> None:
-        self.settle(k)
-        self.context[k].append(rec)
+        self.settle(k, [rec])
+        self.add(k, [rec])
         self.check(k, self.w.run(self.group[k].get_reply(rec)))
 
     def step(self, k: int, recs: list[dict[str, Any]]) -> None:
         retry = self.pending[k] is not None and self.pending[k] == recs
         self.settle(k, recs)
-        self.context[k] += recs
+        self.add(k, recs)
         reply = self.w.run(self.group[k].get_reply(recs))
         assert retry or reply.seq == self.group[k].seq
         self.check(k, reply)
@@ -179,7 +186,7 @@ class SessionMachine(RuleBasedStateMachine):
             return
         finally:
             self.w.client.timeout_s = None
-        self.context[k] += recs
+        self.add(k, recs)
         self.check(k, reply)
 
     @rule(k=session_index, recs=prefills, after=st.sampled_from([0.0, 0.001, 0.005]))
@@ -200,7 +207,7 @@ class SessionMachine(RuleBasedStateMachine):
 
         reply = self.w.run(cancel_soon())
         if reply is not None:
-            self.context[k] += recs
+            self.add(k, recs)
             self.check(k, reply)
         elif self.group[k].in_doubt:
             self.pending[k] = recs
@@ -210,50 +217,52 @@ class SessionMachine(RuleBasedStateMachine):
         reply = self.w.run(self.group[k].resolve())
         pending, self.pending[k] = self.pending[k], None
         assert pending is not None
-        self.context[k] += pending
+        self.add(k, pending)
         if reply is not None:
             self.check(k, reply)
+
+    def group_call(self, sent: list[list[dict[str, Any]]]) -> None:
+        memory, self.memory = self.memory, {}
+        hits = set()
+        for k in range(SESSIONS):
+            if self.pending[k] is not None:
+                self.settle(k, sent[k])
+            elif memory.get(k) == sent[k]:
+                hits.add(k)  # the retry of an entry the failed call applied
+        refused = sorted(k for k in range(SESSIONS) if sent[k][-1]["action"] == 99)
+        try:
+            replies = self.w.run(self.group.get_replies(sent))
+        except GroupError as err:
+            assert sorted(err.failed) == refused
+            for k in range(SESSIONS):
+                if k not in refused:
+                    assert err.outcomes[k].status == "applied" and err.outcomes[k].action is not None
+                    if k not in hits:
+                        self.add(k, sent[k])
+                    self.memory[k] = sent[k]
+            self.failed_call = (sent, refused)
+            return
+        assert not refused
+        for k in range(SESSIONS):
+            if k not in hits:
+                self.add(k, sent[k])
+            self.check(k, replies[k])
 
     @rule(steps=st.lists(prefills, min_size=SESSIONS, max_size=SESSIONS), bad_entries=st.sets(session_index))
     def group_step(self, steps: list[list[dict[str, Any]]], bad_entries: set[int]) -> None:
         self.failed_call = None
-        sent = [bad(s) if k in bad_entries else s for k, s in enumerate(steps)]
-        for k in range(SESSIONS):
-            self.settle(k, sent[k])
-        try:
-            replies = self.w.run(self.group.get_replies(sent))
-        except GroupError as err:
-            assert sorted(err.failed) == sorted(bad_entries)
-            for k in range(SESSIONS):
-                if k not in bad_entries:
-                    self.context[k] += steps[k]
-                    outcome = err.outcomes[k]
-                    assert outcome.status == "applied" and outcome.action is not None
-            self.failed_call = (steps, sorted(bad_entries))
-            return
-        assert not bad_entries
-        for k in range(SESSIONS):
-            self.context[k] += steps[k]
-            self.check(k, replies[k])
+        self.group_call([bad(s) if k in bad_entries else s for k, s in enumerate(steps)])
 
     @precondition(lambda self: self.failed_call is not None)
     @rule(fix=st.booleans())
     def group_retry(self, fix: bool) -> None:
         """The failed group call again, its bad entries corrected (or still bad)."""
         assert self.failed_call is not None
-        steps, failed = self.failed_call
+        sent, refused = self.failed_call
         self.failed_call = None
-        sent = [s if (fix or k not in failed) else bad(s) for k, s in enumerate(steps)]
-        try:
-            replies = self.w.run(self.group.get_replies(sent))
-        except GroupError as err:
-            assert not fix and sorted(err.failed) == failed
-            self.failed_call = (steps, failed)
-            return
-        for k in failed:
-            self.context[k] += steps[k]
-        for k in range(SESSIONS):
-            self.check(k, replies[k])
+        self.group_call(
+            [[*s[:-1], {**s[-1], "action": 0}] if fix and k in refused else s for k, s in enumerate(sent)]
+        )
 
     @rule(k=session_index)
     def reset(self, k: int) -> None:
@@ -261,6 +270,7 @@ class SessionMachine(RuleBasedStateMachine):
         self.settle(k)
         self.w.run(self.group[k].reset())
         self.context[k] = []
+        self.memory.pop(k, None)
 
     @rule(probe=records)
     def restart_server(self, probe: dict[str, Any]) -> None:
@@ -281,9 +291,12 @@ class SessionMachine(RuleBasedStateMachine):
 
 SessionMachine.TestCase.settings = settings(
     max_examples=int(os.environ.get("MOUSE_STATE_MACHINE_EXAMPLES", "300")),
-    stateful_step_count=8,
+    stateful_step_count=6,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    # no shrinking by default: each replay runs against the real server (slow); a failure shows
+    # its whole sequence of at most `stateful_step_count` operations
+    phases=list(Phase) if os.environ.get("MOUSE_STATE_MACHINE_SHRINK") else [Phase.explicit, Phase.generate],
 )
 
 
