@@ -17,10 +17,14 @@ DEMO = REPO / "demo" / "checkpoint"
 
 
 def write_models(root: Path) -> dict[str, Path]:
-    """`cont`: 4 actions, 6 continuous observations, a 64-row time table; `disc`: 4 actions,
-    16 discrete observations."""
+    """`cartpole`: CartPole's shape (2 actions, 4 observations, a 512-row time table); `cont`:
+    4 actions, 6 continuous observations, a 64-row time table; `disc`: 4 actions, 16 discrete
+    observations. (The demo checkpoint serves the README; these keep the tests independent of
+    what it is trained for.)"""
     torch.manual_seed(0)
-    paths = {"cont": root / "cont", "disc": root / "disc"}
+    paths = {"cartpole": root / "cartpole", "cont": root / "cont", "disc": root / "disc"}
+    cartpole = {"max_num_actions": 2, "max_num_obs_continuous": 4, "max_num_time_steps": 512}
+    save_model(Model(config_with(embedding_kwargs=cartpole)), paths["cartpole"])
     save_model(Model(config_with(embedding_kwargs={"max_num_obs_continuous": 6})), paths["cont"])
     disc = config_with(
         embedding_kwargs={

@@ -101,7 +101,10 @@ def test_vector_loop_in_each_autoreset_mode(
 ) -> None:
     envs = make_envs(mode)
     recipe = Recipe()
-    with ActionClient(adapter_server.target) as client, VectorGymAdapter(client, envs, seed=0) as adapter:
+    with (
+        ActionClient(adapter_server.target) as client,
+        VectorGymAdapter(client, envs, model="cartpole", seed=0) as adapter,
+    ):
         obs, info = envs.reset(seed=0)
         recipe.reset(obs)
         actions = adapter.reset(obs)
@@ -121,7 +124,7 @@ def test_vector_loop_in_each_autoreset_mode(
             recipe.step(mode, actions, obs, reward, terminated, truncated, info)
             actions = adapter.step(obs, reward, terminated, truncated, info)
         assert episodes >= 15
-        check_contexts(adapter, recipe, Reference(models["default"]))
+        check_contexts(adapter, recipe, Reference(models["cartpole"]))
 
 
 def test_async_vector_adapter(adapter_server: ServerProcess) -> None:
@@ -129,7 +132,7 @@ def test_async_vector_adapter(adapter_server: ServerProcess) -> None:
 
     async def run() -> int:
         client = AsyncActionClient(adapter_server.target)
-        async with client, AsyncVectorGymAdapter(client, envs, seed=0) as adapter:
+        async with client, AsyncVectorGymAdapter(client, envs, model="cartpole", seed=0) as adapter:
             obs, _ = envs.reset(seed=1)
             actions = await adapter.reset(obs)
             for _ in range(200):

@@ -75,7 +75,7 @@ def test_five_line_loop(adapter_server: ServerProcess, models: dict[str, Path]) 
     recipe = Recipe(8, [("obs_continuous", 4)] * 8, [512] * 8, fresh_tasks=True)
     with (
         ActionClient(adapter_server.target) as client,
-        RemoteAgent(client, env, model="default", seed=0) as agent,
+        RemoteAgent(client, env, model="cartpole", seed=0) as agent,
     ):
         inputs = agent.initial_inputs()
         for _ in range(1000):
@@ -83,7 +83,7 @@ def test_five_line_loop(adapter_server: ServerProcess, models: dict[str, Path]) 
             recipe.add(inputs, outputs)
             inputs = agent.act(outputs)
         assert all(len(c) < 1000 for c in recipe.contexts)
-        check_contexts(agent, recipe, [Reference(models["default"])] * 8, [2] * 8)
+        check_contexts(agent, recipe, [Reference(models["cartpole"])] * 8, [2] * 8)
         sessions = agent.group.sessions
     assert all(s.closed for s in sessions)
     assert min(len(e) for e in env.tracker.episode_lengths) >= 10  # many episodes, task boundaries
@@ -125,7 +125,7 @@ def test_mixed_models_map_boundaries_and_padding(
 def test_spaces_that_do_not_fit_are_reported_by_instance(adapter_server: ServerProcess) -> None:
     env = make_env([EnvConfig(id="CartPole-v1", reset_seed=0), EnvConfig(id="Acrobot-v1", reset_seed=0)])
     with ActionClient(adapter_server.target) as client, pytest.raises(ValidationError) as info:
-        RemoteAgent(client, env, model="default").open()
+        RemoteAgent(client, env, model="cartpole").open()
     message = str(info.value)
     assert (
         "instance 1 (Acrobot-v1)" in message and "6 values but the model's obs_continuous takes 4" in message
@@ -138,7 +138,7 @@ def test_error_policies_name_the_instance(adapter_server: ServerProcess) -> None
     env = make_env([EnvConfig(id="CartPole-v1", reset_seed=i, episodes_per_task=1) for i in range(2)])
     with (
         ActionClient(adapter_server.target) as client,
-        RemoteAgent(client, env, task_boundary="error") as agent,
+        RemoteAgent(client, env, model="cartpole", task_boundary="error") as agent,
     ):
         inputs = agent.initial_inputs()
         with pytest.raises(ValidationError, match=r"instance \d \(CartPole-v1\): done [34] ends a task"):
@@ -159,7 +159,7 @@ def test_async_agent(adapter_server: ServerProcess) -> None:
 
     async def run() -> int:
         client = AsyncActionClient(adapter_server.target)
-        async with client, AsyncRemoteAgent(client, env, seed=0) as agent:
+        async with client, AsyncRemoteAgent(client, env, model="cartpole", seed=0) as agent:
             inputs = agent.initial_inputs()
             for _ in range(200):
                 inputs = await agent.act(env.step(inputs))
