@@ -78,7 +78,7 @@ def test_five_line_loop(adapter_server: ServerProcess, models: dict[str, Path]) 
         RemoteAgent(client, env, model="cartpole", seed=0) as agent,
     ):
         inputs = agent.initial_inputs()
-        for _ in range(1000):
+        for _ in range(600):
             outputs = env.step(inputs)
             recipe.add(inputs, outputs)
             inputs = agent.act(outputs)
@@ -86,7 +86,7 @@ def test_five_line_loop(adapter_server: ServerProcess, models: dict[str, Path]) 
         check_contexts(agent, recipe, [Reference(models["cartpole"])] * 8, [2] * 8)
         sessions = agent.group.sessions
     assert all(s.closed for s in sessions)
-    assert min(len(e) for e in env.tracker.episode_lengths) >= 10  # many episodes, task boundaries
+    assert min(len(e) for e in env.tracker.episode_lengths) >= 6  # many episodes, task boundaries
 
 
 def test_mixed_models_map_boundaries_and_padding(
