@@ -143,8 +143,8 @@ class EntryOutcome:
     """What happened to one entry of a group call.
 
     `status` is "applied" (its action is `action`), "refused" (not applied: `error` says why;
-    the entry's records may be corrected and sent again), "in_doubt" (no answer: the session
-    resolves it on its next call) or "skipped" (not attempted because the call stopped first).
+    the entry's records may be corrected and sent again) or "in_doubt" (no answer: the session
+    resolves it on its next call).
     """
 
     index: int
@@ -200,7 +200,7 @@ class GroupError(ActionError):
 
     @property
     def failed(self) -> list[int]:
-        return [o.index for o in self.outcomes if o.status in ("refused", "in_doubt", "skipped")]
+        return [o.index for o in self.outcomes if o.status != "applied"]
 
     @property
     def applied(self) -> dict[int, int]:

@@ -137,6 +137,25 @@ def test_episode_recorder_records() -> None:
     assert late == {"action": 3, "reward": -1.0, "done": 2, "time": 2, "obs_discrete": 6}  # time capped at 2
 
 
+def test_record_builder_fits_observations_and_time() -> None:
+    fields = [("time", 0, 4), ("action", 0, 2), ("obs_continuous", 4, 0), ("reward", 0, 0), ("done", 0, 3)]
+    info = pb.ModelInfo(fields=[pb.FieldInfo(name=n, width=w, max_value=m) for n, w, m in fields])
+    rec = EpisodeRecorder(info, name="env3").reset([0.5, -0.5])
+    assert rec["obs_continuous"].tolist() == [0.5, -0.5, 0.0, 0.0]  # zero-padded to the width
+    with pytest.raises(
+        ValidationError, match="env3: the observation has 5 values but the model's obs_continuous takes 4"
+    ):
+        EpisodeRecorder(info, name="env3").reset(np.zeros(5))
+    strict = EpisodeRecorder(info, time_policy="error")
+    strict.reset(np.zeros(4))
+    for _ in range(3):
+        strict.step(1, np.zeros(4), 0.0, False, False)
+    with pytest.raises(ValidationError, match="time 4 is beyond the model's time table"):
+        strict.step(1, np.zeros(4), 0.0, False, False)
+    with pytest.raises(ValidationError, match="time_policy must be one of"):
+        EpisodeRecorder(info, time_policy="wrap")
+
+
 def test_gym_adapter_runs_episodes(server: ServerProcess) -> None:
     env = ChainEnv()
     with ActionClient(server.target) as client:
