@@ -607,6 +607,22 @@ class Model(nn.Module):
         self.unpack_weights()
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
+    @torch.no_grad()
+    def copy_weights_(self, state: Mapping[str, Tensor]) -> None:
+        """Copy `state` (the keys and shapes of `state_dict()`, any float dtype) into the existing
+        parameters and buffers in place, converting to their dtype and device. The storage stays
+        the same, so captured CUDA graphs and compiled code use the new weights as they are;
+        packed weight copies are rebuilt."""
+        own = self.state_dict(keep_vars=True)
+        unknown = sorted(set(state) - set(own))
+        if unknown:
+            raise KeyError(f"not weights of this model: {unknown[:8]}")
+        packed = any(isinstance(m, Linear) and m.packed is not None for m in self.modules())
+        for key, value in state.items():
+            own[key].copy_(value)
+        if packed:
+            self.pack_weights()
+
     def polyak_update(self, dqn_tau: float = 0.0, vec_dqn_tau: float = 0.0) -> None:
         """Soft-update the target heads towards their online heads."""
         self.unpack_weights()

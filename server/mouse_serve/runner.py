@@ -47,6 +47,9 @@ class WorkItem:
 class WorkResult:
     action: int
     scores: np.ndarray | None
+    model_version: int = 1  # of the weights that ran this forward (chose the action)
+    model_tag: str = ""
+    oldest_version: int = 0  # of a prefill's first chunk, when its chunks ran under several versions
 
 
 def resolve_device(device: str) -> torch.device:
@@ -95,6 +98,8 @@ class ModelRunner:
         self.device = model.device
         self.packed = model.pack_weights()
         self.load_seconds = 0.0
+        self.version = 1  # of the weights now served: 1 at load, +1 per swap_weights
+        self.tag = ""
         self.max_threads = threads or torch.get_num_threads()
         self._flops_per_token = 2 * self.num_parameters
         cuda = self.device.type == "cuda"
@@ -165,8 +170,18 @@ class ModelRunner:
             if torch.get_num_threads() != wanted:
                 torch.set_num_threads(wanted)
 
+    def swap_weights(self, weights: dict[str, torch.Tensor], tag: str) -> int:
+        """Copy new weights (already validated and converted to the serving dtype and device)
+        into the model's parameters in place; runs on the runner thread, between two forwards.
+        Returns the new version."""
+        self.model.copy_weights_(weights)
+        self.version += 1
+        self.tag = tag
+        return self.version
+
     def run(self, items: list[WorkItem]) -> list[WorkResult]:
         """Apply every item's steps in one batched forward and sample all actions at once."""
+        version, tag = self.version, self.tag
         pool, model, chunk = self.pool, self.model, self.prefill_chunk_steps
         self._use_threads(sum(min(i.num_steps, chunk) for i in items) * model.tokens_per_step)
         for item in items:
@@ -203,6 +218,8 @@ class ModelRunner:
                 scores_host[j, : item.num_actions].copy()
                 if scores_host is not None and item.want_scores
                 else None,
+                version,
+                tag,
             )
             for j, item in enumerate(items)
         ]
