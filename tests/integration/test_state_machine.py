@@ -27,11 +27,12 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from mouse_client import ActionError, AsyncActionClient, GroupError, RetryPolicy
 from tests.helpers import golden_cases
 from tests.reference import Reference
+from tests.server.test_exactly_once import restart
 from tests.server_process import ServerProcess
 
 CASE = next(c for c in golden_cases() if c.name == "llama_gqa_long")
 SESSIONS = 3
-RESTARTS = 3  # server restarts per test run (each costs a model load)
+RESTARTS = 2  # server restarts per test run (each costs a server start-up)
 MAX_TIME = 64
 
 
@@ -57,7 +58,7 @@ class World:
 
     def restart(self) -> None:
         self.server.kill()
-        self.server = ServerProcess("--model", str(CASE.checkpoint), port=self.port).start()
+        self.server = restart(["--model", str(CASE.checkpoint)], self.port)
         self.restarts_left -= 1
 
     def close(self) -> None:
