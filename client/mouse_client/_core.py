@@ -291,6 +291,42 @@ class ClientBase:
     def _plan_open(self, options: SessionOptions, session_id: str | None) -> Plan[pb.OpenSessionResponse]:
         return (yield from open_plan(self.budget(), options, session_id))
 
+    def _plan_open_group(
+        self,
+        n: int,
+        model: str | Sequence[str],
+        seed: int | None,
+        temperature: float | None,
+        num_actions: int | Sequence[int | None] | None,
+        context_policy: str | None,
+        max_context_steps: int | None,
+    ) -> Plan[list[tuple[SessionOptions, pb.OpenSessionResponse]]]:
+        """Open `n` sessions `<group>.<i>` (one routing key); on a failure, close those opened."""
+        group = new_session_id()
+        models, counts = per_session(n, model), per_session(n, num_actions)
+        opened: list[tuple[SessionOptions, pb.OpenSessionResponse]] = []
+        try:
+            for i in range(n):
+                options = SessionOptions(
+                    models[i],
+                    None if seed is None else seed + i,
+                    temperature,
+                    counts[i],
+                    context_policy,
+                    max_context_steps,
+                )
+                reply = yield from open_plan(self.budget(), options, f"{group}.{i}", any_id=True)
+                opened.append((options, reply))
+        except ActionError:
+            for _, reply in opened:  # best effort: they would only idle out
+                try:
+                    close = pb.CloseSessionRequest(session_id=reply.session_id)
+                    yield Call("CloseSession", close, reply.session_id, self.budget().remaining())
+                except ActionError:
+                    pass
+            raise
+        return opened
+
     def _plan_wait_ready(self, timeout_s: float) -> Plan[None]:
         """Until every target's health service answers SERVING for the ActionService."""
         if not timeout_s > 0:

@@ -27,11 +27,9 @@ from mouse_client._core import (
     StepParams,
     StreamCall,
     T,
-    per_session,
     unary_send,
 )
 from mouse_client.errors import ActionError
-from mouse_client.routing import new_session_id
 from mouse_client.steps import StepRecords
 from mouse_client.v1 import action_service_pb2 as pb
 
@@ -124,30 +122,21 @@ class ActionClient(ClientBase):
         model: str | Sequence[str] = "default",
         *,
         seed: int | None = None,
+        temperature: float | None = None,
         num_actions: int | Sequence[int | None] | None = None,
-        **kwargs: Any,
+        context_policy: str | None = None,
+        max_context_steps: int | None = None,
+        recover: bool = True,
+        history_steps: int | None = None,
     ) -> SessionGroup:
         """Open `n` sessions that share a routing key (`<group>.<i>`), for a vector of
         environments stepped with one `BatchGetAction` per step. Seeds are `seed + i`; `model`
         and `num_actions` may be given per session."""
-        group = new_session_id()
-        models, counts = per_session(n, model), per_session(n, num_actions)
-        sessions = []
-        try:
-            for i in range(n):
-                sessions.append(
-                    self.open_session(
-                        models[i],
-                        seed=None if seed is None else seed + i,
-                        num_actions=counts[i],
-                        session_id=f"{group}.{i}",
-                        **kwargs,
-                    )
-                )
-        except BaseException:
-            for s in sessions:
-                s.close()
-            raise
+        plan = self._plan_open_group(
+            n, model, seed, temperature, num_actions, context_policy, max_context_steps
+        )
+        opened = self._run(plan)
+        sessions = [Session(self, o, r, recover=recover, history_steps=history_steps) for o, r in opened]
         return SessionGroup(self, sessions)
 
 
