@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from mouse_client._core import Plan
 from mouse_client.errors import ValidationError
 from mouse_client.steps import RecordBuilder
 from mouse_client.v1 import action_service_pb2 as pb
@@ -30,41 +31,61 @@ class VectorStep:
 
 
 class VectorCore:
-    """Shared state of a vector adapter over `n` environment instances."""
+    """Shared state of a vector adapter over environment instances with the given spaces."""
 
-    def __init__(self, n: int, *, first_action: int, hold_terminal: bool, time_policy: str) -> None:
-        self.n = n
+    def __init__(
+        self,
+        observation_spaces: Sequence[Any],
+        action_spaces: Sequence[Any],
+        names: Sequence[str],
+        *,
+        model: ModelChoice,
+        seed: int | None,
+        temperature: float | None,
+        first_action: int,
+        hold_terminal: bool,
+        time_policy: str,
+    ) -> None:
+        self.n = len(observation_spaces)
+        self.obs_spaces, self.act_spaces, self.names = (
+            list(observation_spaces),
+            list(action_spaces),
+            list(names),
+        )
+        # the model name of each instance (`model` is a name or a callable of its spaces)
+        self.model_names = [
+            model if isinstance(model, str) else model(o, a)
+            for o, a in zip(self.obs_spaces, self.act_spaces, strict=True)
+        ]
+        self.seed = seed
+        self.temperature = temperature
         self.first_action = first_action
         self.hold_terminal = hold_terminal
         self.time_policy = time_policy
         self.builders: list[RecordBuilder] = []
-        self.held: list[list[dict[str, Any]]] = [[] for _ in range(n)]
-        self.actions = np.full(n, first_action, dtype=np.int64)  # the actions last given to the env
+        self.held: list[list[dict[str, Any]]] = [[] for _ in range(self.n)]
+        self.actions = np.full(self.n, first_action, dtype=np.int64)  # the actions last given to the env
         self.group: Any = None
 
     # -- set-up -------------------------------------------------------------------------------
-    def plan_models(
-        self, model: ModelChoice, observation_spaces: Sequence[Any], action_spaces: Sequence[Any]
-    ) -> list[str]:
-        """The model name of each instance (`model` is a name or a callable of its spaces)."""
-        return [
-            model if isinstance(model, str) else model(o, a)
-            for o, a in zip(observation_spaces, action_spaces, strict=True)
-        ]
+    def open_plan(self, client: Any) -> Plan[list[Any]]:
+        """Check the spaces against the model(s), then open one session per instance (the
+        shell makes the group of what this returns)."""
+        infos = {}
+        for name in dict.fromkeys(self.model_names):
+            infos[name] = yield from client._plan_model_info(name)
+        counts = self.configure([infos[m] for m in self.model_names])
+        return (
+            yield from client._plan_open_group(self.n, self.model_names, self.seed, None, counts, None, None)
+        )
 
-    def configure(
-        self,
-        infos: Sequence[pb.ModelInfo],
-        observation_spaces: Sequence[Any],
-        action_spaces: Sequence[Any],
-        names: Sequence[str],
-    ) -> list[int]:
+    def configure(self, infos: Sequence[pb.ModelInfo]) -> list[int]:
         """Check every instance's spaces against its model; returns each one's action count.
         Raises `ValidationError` listing every instance that does not fit."""
         problems, counts = [], []
         self.builders = []
         for i, (info, obs_space, act_space, name) in enumerate(
-            zip(infos, observation_spaces, action_spaces, names, strict=True)
+            zip(infos, self.obs_spaces, self.act_spaces, self.names, strict=True)
         ):
             builder = RecordBuilder(info, time_policy=self.time_policy, name=f"instance {i} ({name})")
             self.builders.append(builder)
@@ -76,8 +97,6 @@ class VectorCore:
         return counts
 
     def attach(self, group: Any) -> None:
-        if len(group) != self.n:
-            raise ValidationError(f"the group has {len(group)} sessions but the env {self.n} instances.")
         self.group = group
 
     # -- stepping -----------------------------------------------------------------------------
@@ -111,3 +130,18 @@ class VectorCore:
         for name, value in step.state.items():
             setattr(self, name, value)
         return out.copy()
+
+
+class VectorAdapter:
+    """What the blocking and asyncio adapters share: the client, the core, the group."""
+
+    core: VectorCore
+
+    def __init__(self, client: Any, core: VectorCore) -> None:
+        self.client = client
+        self.core = core
+
+    @property
+    def group(self) -> Any:
+        """The session group (instance i is session i), once opened."""
+        return self.core.group

@@ -133,9 +133,15 @@ class AsyncActionClient(ClientBase):
         plan = self._plan_open_group(
             n, model, seed, temperature, num_actions, context_policy, max_context_steps
         )
-        opened = await self._run(plan)
-        sessions = [AsyncSession(self, o, r, recover=recover, history_steps=history_steps) for o, r in opened]
-        return AsyncSessionGroup(self, sessions)
+        return self._group(await self._run(plan), recover=recover, history_steps=history_steps)
+
+    def _group(
+        self, opened: list[Any], *, recover: bool = True, history_steps: int | None = None
+    ) -> AsyncSessionGroup:
+        """A group of sessions from `_plan_open_group`'s result."""
+        return AsyncSessionGroup(
+            self, [AsyncSession(self, o, r, recover=recover, history_steps=history_steps) for o, r in opened]
+        )
 
 
 class AsyncSession(SessionCore):

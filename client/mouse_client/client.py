@@ -135,9 +135,15 @@ class ActionClient(ClientBase):
         plan = self._plan_open_group(
             n, model, seed, temperature, num_actions, context_policy, max_context_steps
         )
-        opened = self._run(plan)
-        sessions = [Session(self, o, r, recover=recover, history_steps=history_steps) for o, r in opened]
-        return SessionGroup(self, sessions)
+        return self._group(self._run(plan), recover=recover, history_steps=history_steps)
+
+    def _group(
+        self, opened: list[Any], *, recover: bool = True, history_steps: int | None = None
+    ) -> SessionGroup:
+        """A group of sessions from `_plan_open_group`'s result."""
+        return SessionGroup(
+            self, [Session(self, o, r, recover=recover, history_steps=history_steps) for o, r in opened]
+        )
 
 
 class Session(SessionCore):

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from mouse_client._vector import ModelChoice, VectorCore, VectorStep
+from mouse_client._vector import ModelChoice, VectorAdapter, VectorCore, VectorStep
 from mouse_client.errors import ValidationError
 from mouse_client.steps import EpisodeRecorder
 
@@ -77,33 +77,18 @@ def _autoreset_mode(envs: Any) -> str:
 class _VectorGymCore(VectorCore):
     """Records from a Gymnasium vector env's (obs, reward, terminated, truncated, info)."""
 
-    def __init__(
-        self,
-        envs: Any,
-        *,
-        model: ModelChoice,
-        seed: int | None,
-        temperature: float | None,
-        time_policy: str,
-        hold_terminal: bool,
-        first_action: int,
-    ) -> None:
+    def __init__(self, envs: Any, *, hold_terminal: bool, **options: Any) -> None:
         self.envs = envs
         self.mode = _autoreset_mode(envs)
         n = int(envs.num_envs)
         # only NextStep has a step whose action the env ignores (the one after an episode's end)
         super().__init__(
-            n,
-            first_action=first_action,
+            [envs.single_observation_space] * n,
+            [envs.single_action_space] * n,
+            [f"env{i}" for i in range(n)],
             hold_terminal=hold_terminal and self.mode == "NextStep",
-            time_policy=time_policy,
+            **options,
         )
-        self.obs_spaces = [envs.single_observation_space] * n
-        self.act_spaces = [envs.single_action_space] * n
-        self.names = [f"env{i}" for i in range(n)]
-        self.model_names = self.plan_models(model, self.obs_spaces, self.act_spaces)
-        self.seed = seed
-        self.temperature = temperature
         self.times = np.zeros(n, dtype=np.int64)
         self.ended = np.zeros(n, dtype=bool)  # NextStep: the next obs of these is a reset frame
         self._reset_obs: Any = None  # Disabled: observations of the sub-envs reset for this step
@@ -162,7 +147,34 @@ class _VectorGymCore(VectorCore):
         return step
 
 
-class VectorGymAdapter:
+class _VectorGymAdapterBase(VectorAdapter):
+    core: _VectorGymCore
+
+    def __init__(
+        self,
+        client: Any,
+        envs: Any,
+        *,
+        model: ModelChoice = "default",
+        seed: int | None = None,
+        temperature: float | None = None,
+        time_policy: str = "clip",
+        hold_terminal: bool = True,
+        first_action: int = 0,
+    ) -> None:
+        core = _VectorGymCore(
+            envs,
+            model=model,
+            seed=seed,
+            temperature=temperature,
+            time_policy=time_policy,
+            hold_terminal=hold_terminal,
+            first_action=first_action,
+        )
+        super().__init__(client, core)
+
+
+class VectorGymAdapter(_VectorGymAdapterBase):
     """Acts for a `gymnasium.vector` env (Gymnasium 1.x) through one session group.
 
         adapter = VectorGymAdapter(client, envs, model="default", seed=0)
@@ -181,55 +193,20 @@ class VectorGymAdapter:
     values retries. Closes its sessions on exit.
     """
 
-    def __init__(
-        self,
-        client: Any,
-        envs: Any,
-        *,
-        model: ModelChoice = "default",
-        seed: int | None = None,
-        temperature: float | None = None,
-        time_policy: str = "clip",
-        hold_terminal: bool = True,
-        first_action: int = 0,
-    ) -> None:
-        self.client = client
-        self.core = _VectorGymCore(
-            envs,
-            model=model,
-            seed=seed,
-            temperature=temperature,
-            time_policy=time_policy,
-            hold_terminal=hold_terminal,
-            first_action=first_action,
-        )
-
-    @property
-    def group(self) -> Any:
-        return self.core.group
-
     def open(self) -> VectorGymAdapter:
+        """Check the env against the model(s) and open one session per sub-env."""
         if self.core.group is None:
-            core = self.core
-            infos = {name: self.client.model_info(name) for name in set(core.model_names)}
-            counts = core.configure(
-                [infos[m] for m in core.model_names], core.obs_spaces, core.act_spaces, core.names
-            )
-            core.attach(
-                self.client.open_sessions(core.n, core.model_names, seed=core.seed, num_actions=counts)
-            )
+            self.core.attach(self.client._group(self.client._run(self.core.open_plan(self.client))))
         return self
 
     def _send(self, step: VectorStep) -> np.ndarray:
-        actions = self.core.group.get_actions(
-            step.records, indices=step.indices, temperature=self.core.temperature
-        )
-        return self.core.commit(step, actions)
+        core = self.core
+        actions = core.group.get_actions(step.records, indices=step.indices, temperature=core.temperature)
+        return core.commit(step, actions)
 
     def reset(self, obs: Any) -> np.ndarray:
         """The first actions, for the observations of `envs.reset()`."""
-        self.open()
-        return self._send(self.core.plan_reset(obs))
+        return self._send(self.open().core.plan_reset(obs))
 
     def step(
         self, obs: Any, reward: Any, terminated: Any, truncated: Any, info: dict[str, Any]
@@ -248,46 +225,13 @@ class VectorGymAdapter:
         self.close()
 
 
-class AsyncVectorGymAdapter:
+class AsyncVectorGymAdapter(_VectorGymAdapterBase):
     """asyncio twin of `VectorGymAdapter` (with an `AsyncActionClient`)."""
 
-    def __init__(
-        self,
-        client: Any,
-        envs: Any,
-        *,
-        model: ModelChoice = "default",
-        seed: int | None = None,
-        temperature: float | None = None,
-        time_policy: str = "clip",
-        hold_terminal: bool = True,
-        first_action: int = 0,
-    ) -> None:
-        self.client = client
-        self.core = _VectorGymCore(
-            envs,
-            model=model,
-            seed=seed,
-            temperature=temperature,
-            time_policy=time_policy,
-            hold_terminal=hold_terminal,
-            first_action=first_action,
-        )
-
-    @property
-    def group(self) -> Any:
-        return self.core.group
-
     async def open(self) -> AsyncVectorGymAdapter:
+        """Check the env against the model(s) and open one session per sub-env."""
         if self.core.group is None:
-            core = self.core
-            infos = {name: await self.client.model_info(name) for name in set(core.model_names)}
-            counts = core.configure(
-                [infos[m] for m in core.model_names], core.obs_spaces, core.act_spaces, core.names
-            )
-            core.attach(
-                await self.client.open_sessions(core.n, core.model_names, seed=core.seed, num_actions=counts)
-            )
+            self.core.attach(self.client._group(await self.client._run(self.core.open_plan(self.client))))
         return self
 
     async def _send(self, step: VectorStep) -> np.ndarray:
@@ -299,8 +243,7 @@ class AsyncVectorGymAdapter:
 
     async def reset(self, obs: Any) -> np.ndarray:
         """The first actions, for the observations of `envs.reset()`."""
-        await self.open()
-        return await self._send(self.core.plan_reset(obs))
+        return await self._send((await self.open()).core.plan_reset(obs))
 
     async def step(
         self, obs: Any, reward: Any, terminated: Any, truncated: Any, info: dict[str, Any]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mouse_client._vector import ModelChoice, VectorCore, VectorStep
+from mouse_client._vector import ModelChoice, VectorAdapter, VectorCore, VectorStep
 from mouse_client.errors import ValidationError
 
 TASK_BOUNDARIES = ("reset", "map", "error")
@@ -29,35 +29,14 @@ TASK_BOUNDARIES = ("reset", "map", "error")
 class _AgentCore(VectorCore):
     """Everything but the I/O: records from mouse-env outputs, task boundaries, held records."""
 
-    def __init__(
-        self,
-        env: Any,
-        *,
-        model: ModelChoice,
-        seed: int | None,
-        temperature: float | None,
-        task_boundary: str,
-        time_policy: str,
-        hold_terminal: bool,
-        first_action: int,
-    ) -> None:
+    def __init__(self, env: Any, *, task_boundary: str, **options: Any) -> None:
         if task_boundary not in TASK_BOUNDARIES:
             raise ValidationError(
                 f"task_boundary must be one of {list(TASK_BOUNDARIES)}, got {task_boundary!r}."
             )
-        self.env = env
-        self.obs_spaces = list(env.observation_space.spaces)
-        self.act_spaces = list(env.action_space.spaces)
-        super().__init__(
-            len(self.obs_spaces),
-            first_action=first_action,
-            hold_terminal=hold_terminal,
-            time_policy=time_policy,
-        )
-        self.names = list(getattr(env, "names", None) or [f"env{i}" for i in range(self.n)])
-        self.model_names = self.plan_models(model, self.obs_spaces, self.act_spaces)
-        self.seed = seed
-        self.temperature = temperature
+        spaces = list(env.observation_space.spaces)
+        names = list(getattr(env, "names", None) or [f"env{i}" for i in range(len(spaces))])
+        super().__init__(spaces, list(env.action_space.spaces), names, **options)
         self.task_boundary = task_boundary
         self.reset_next = [False] * self.n  # the next output starts a new task: fresh context
 
@@ -79,9 +58,12 @@ class _AgentCore(VectorCore):
                         f"instance {i} ({self.names[i]}): done {done} ends a task and task_boundary='error'."
                     )
                 done -= 2
-            obs = out.get("observation")
             record = self.builders[i].record(
-                action=self.actions[i], reward=out["reward"], done=done, time=out["time"], obs=obs
+                action=self.actions[i],
+                reward=out["reward"],
+                done=done,
+                time=out["time"],
+                obs=out.get("observation"),
             )
             records.append([record])
             # a task's end is sent at once in "reset" mode (its context is cleared right after)
@@ -91,11 +73,48 @@ class _AgentCore(VectorCore):
         step.state["reset_next"] = task_ends
         return step
 
+    def resets_done(self, step: VectorStep) -> None:
+        """The step's context resets went through (a retry must not repeat them)."""
+        self.reset_next = [r and i not in step.resets for i, r in enumerate(self.reset_next)]
+
     def inputs(self, actions: Any) -> list[dict[str, int]]:
         return [{"action": int(a)} for a in actions]
 
 
-class RemoteAgent:
+class _RemoteAgentBase(VectorAdapter):
+    core: _AgentCore
+
+    def __init__(
+        self,
+        client: Any,
+        env: Any,
+        *,
+        model: ModelChoice = "default",
+        seed: int | None = None,
+        temperature: float | None = None,
+        task_boundary: str = "reset",
+        time_policy: str = "clip",
+        hold_terminal: bool = True,
+        first_action: int = 0,
+    ) -> None:
+        core = _AgentCore(
+            env,
+            task_boundary=task_boundary,
+            model=model,
+            seed=seed,
+            temperature=temperature,
+            time_policy=time_policy,
+            hold_terminal=hold_terminal,
+            first_action=first_action,
+        )
+        super().__init__(client, core)
+
+    def initial_inputs(self) -> list[dict[str, int]]:
+        """The inputs of the first `env.step` (the env ignores them: it answers reset frames)."""
+        return self.core.initial_inputs()
+
+
+class RemoteAgent(_RemoteAgentBase):
     """Acts for every instance of a mouse-env `MouseEnv` through one session group.
 
     - `model`: a model name, or a callable `(observation_space, action_space) -> name` per
@@ -114,60 +133,19 @@ class RemoteAgent:
     - Closes its sessions on exit (`close()`).
     """
 
-    def __init__(
-        self,
-        client: Any,
-        env: Any,
-        *,
-        model: ModelChoice = "default",
-        seed: int | None = None,
-        temperature: float | None = None,
-        task_boundary: str = "reset",
-        time_policy: str = "clip",
-        hold_terminal: bool = True,
-        first_action: int = 0,
-    ) -> None:
-        self.client = client
-        self.core = _AgentCore(
-            env,
-            model=model,
-            seed=seed,
-            temperature=temperature,
-            task_boundary=task_boundary,
-            time_policy=time_policy,
-            hold_terminal=hold_terminal,
-            first_action=first_action,
-        )
-
-    @property
-    def group(self) -> Any:
-        """The `SessionGroup` (instance i is session i), once opened."""
-        return self.core.group
-
     def open(self) -> RemoteAgent:
         """Check the env against the model(s) and open one session per instance."""
         if self.core.group is None:
-            core = self.core
-            infos = {name: self.client.model_info(name) for name in set(core.model_names)}
-            counts = core.configure(
-                [infos[m] for m in core.model_names], core.obs_spaces, core.act_spaces, core.names
-            )
-            core.attach(
-                self.client.open_sessions(core.n, core.model_names, seed=core.seed, num_actions=counts)
-            )
+            self.core.attach(self.client._group(self.client._run(self.core.open_plan(self.client))))
         return self
-
-    def initial_inputs(self) -> list[dict[str, int]]:
-        return self.core.initial_inputs()
 
     def act(self, outputs: list[dict[str, Any]]) -> list[dict[str, int]]:
         """The inputs of the next `env.step` for the outputs of the last one."""
-        self.open()
-        core = self.core
+        core = self.open().core
         step = core.plan_outputs(outputs)
         if step.resets:
-            self.core.group.reset(indices=step.resets)
-            core.reset_next = [r and i not in step.resets for i, r in enumerate(core.reset_next)]
+            core.group.reset(indices=step.resets)
+            core.resets_done(step)
         actions = core.group.get_actions(step.records, indices=step.indices, temperature=core.temperature)
         return core.inputs(core.commit(step, actions))
 
@@ -182,63 +160,22 @@ class RemoteAgent:
         self.close()
 
 
-class AsyncRemoteAgent:
+class AsyncRemoteAgent(_RemoteAgentBase):
     """asyncio twin of `RemoteAgent` (with an `AsyncActionClient`)."""
-
-    def __init__(
-        self,
-        client: Any,
-        env: Any,
-        *,
-        model: ModelChoice = "default",
-        seed: int | None = None,
-        temperature: float | None = None,
-        task_boundary: str = "reset",
-        time_policy: str = "clip",
-        hold_terminal: bool = True,
-        first_action: int = 0,
-    ) -> None:
-        self.client = client
-        self.core = _AgentCore(
-            env,
-            model=model,
-            seed=seed,
-            temperature=temperature,
-            task_boundary=task_boundary,
-            time_policy=time_policy,
-            hold_terminal=hold_terminal,
-            first_action=first_action,
-        )
-
-    @property
-    def group(self) -> Any:
-        """The `AsyncSessionGroup` (instance i is session i), once opened."""
-        return self.core.group
 
     async def open(self) -> AsyncRemoteAgent:
         """Check the env against the model(s) and open one session per instance."""
         if self.core.group is None:
-            core = self.core
-            infos = {name: await self.client.model_info(name) for name in set(core.model_names)}
-            counts = core.configure(
-                [infos[m] for m in core.model_names], core.obs_spaces, core.act_spaces, core.names
-            )
-            core.attach(
-                await self.client.open_sessions(core.n, core.model_names, seed=core.seed, num_actions=counts)
-            )
+            self.core.attach(self.client._group(await self.client._run(self.core.open_plan(self.client))))
         return self
-
-    def initial_inputs(self) -> list[dict[str, int]]:
-        return self.core.initial_inputs()
 
     async def act(self, outputs: list[dict[str, Any]]) -> list[dict[str, int]]:
         """The inputs of the next `env.step` for the outputs of the last one."""
-        await self.open()
-        core = self.core
+        core = (await self.open()).core
         step = core.plan_outputs(outputs)
         if step.resets:
             await core.group.reset(indices=step.resets)
-            core.reset_next = [r and i not in step.resets for i, r in enumerate(core.reset_next)]
+            core.resets_done(step)
         actions = await core.group.get_actions(
             step.records, indices=step.indices, temperature=core.temperature
         )
