@@ -94,6 +94,19 @@ def test_async_client(server: ServerProcess) -> None:
     assert [step[1] for step in batched] == VARIED.greedy(1)
 
 
+def test_channel_options_compression_and_metadata_pass_through(server: ServerProcess) -> None:
+    import grpc
+
+    options = [("grpc.primary_user_agent", "mouse-test"), ("grpc.keepalive_time_ms", 30000)]
+    with ActionClient(server.target, channel_options=options, compression=grpc.Compression.Gzip) as client:
+        client.wait_ready(timeout=30)
+        assert ("grpc.primary_user_agent", "mouse-test") in client.config.options
+        with client.open_session(VARIED.name, temperature=0.0) as session:
+            assert session.get_action(VARIED.step_record(0, 0)) == VARIED.greedy(0)[0]
+    creds = grpc.ssl_channel_credentials()
+    assert ActionClient(server.target, credentials=creds).config.credentials is creds
+
+
 def test_errors_surface_as_action_error(server: ServerProcess) -> None:
     with ActionClient(server.target) as client:
         with pytest.raises(ActionError) as info:

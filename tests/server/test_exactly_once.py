@@ -27,8 +27,7 @@ def free_port() -> int:
 
 
 def restart(args: list[str], port: int) -> ServerProcess:
-    """A server on `port` again, right after a kill (the port may take a moment to be free:
-    the server's start-up probe binds it without SO_REUSEADDR)."""
+    """A server on `port` again, right after a kill (retried while the port is still busy)."""
     for _ in range(40):
         try:
             return ServerProcess(*args, port=port).start()
