@@ -403,6 +403,7 @@ class StepParams:
 
 
 Key = tuple[bytes, StepParams]
+Delivered = tuple["Outgoing", pb.GetActionResponse]
 
 
 def request_key(steps: pb.Steps, params: StepParams) -> Key:
@@ -417,8 +418,14 @@ class Outgoing:
     request: pb.GetActionRequest
     steps: pb.Steps | None  # the worker's records it delivers (None: a replay of kept history)
     n: int
-    key: Key | None
+    params: StepParams | None  # the worker call's options (None: a replay of kept history)
     replay: bool = False  # part of a recovery replay (sent unary)
+
+    def key(self) -> Key | None:
+        """Computed only when a call must be compared with this one (after an error)."""
+        if self.steps is None or self.params is None:
+            return None
+        return request_key(self.steps, self.params)
 
 
 class StepHistory:
@@ -526,13 +533,13 @@ class SessionCore:
         if self.closed:
             raise SessionClosedError(f"session {self.id!r} is closed; open a new one.")
 
-    def new_request(self, steps: pb.Steps, n: int, params: StepParams, key: Key) -> Outgoing:
+    def new_request(self, steps: pb.Steps, n: int, params: StepParams) -> Outgoing:
         seq = self.seq + 1 + len(self.outbox)
         req = params.apply(pb.GetActionRequest(session_id=self.id, seq=seq, steps=steps))
-        return Outgoing(req, steps, n, key)
+        return Outgoing(req, steps, n, params)
 
-    def applied(self, out: Outgoing, reply: pb.GetActionResponse) -> tuple[Key, pb.GetActionResponse] | None:
-        """Record the head of the outbox as applied; returns (key, reply) for worker records."""
+    def applied(self, out: Outgoing, reply: pb.GetActionResponse) -> Delivered | None:
+        """Record the head of the outbox as applied; returns it with its reply for worker records."""
         assert self.outbox and self.outbox[0] is out
         self.outbox.popleft()
         self.seq = out.request.seq
@@ -540,7 +547,7 @@ class SessionCore:
             return None  # a replay of kept history: the context is what it was
         self.epoch += 1
         self.history.add(out.steps, out.n)
-        return (out.key, reply) if out.key is not None else None
+        return (out, reply)
 
     def failed(self, out: Outgoing, err: ActionError) -> ActionError | None:
         """The head of the outbox failed with `err`. Returns the error to raise, or None when the
@@ -582,15 +589,15 @@ class SessionCore:
             last = i == len(chunks) - 1
             if last and tail is not None:
                 _copy_params(tail.request, req)
-                self.outbox.append(Outgoing(req, tail.steps, tail.n, tail.key, replay=True))
+                self.outbox.append(Outgoing(req, tail.steps, tail.n, tail.params, replay=True))
             else:
                 self.outbox.append(Outgoing(req, None, n, None, replay=True))
 
     def deliver_plan(
         self, budget: Budget, send: Callable[[pb.GetActionRequest, float], Op]
-    ) -> Plan[tuple[Key, pb.GetActionResponse] | None]:
-        """Deliver the outbox in order (reopening a lost session); returns (key, reply) of the
-        worker request it delivered, if any."""
+    ) -> Plan[Delivered | None]:
+        """Deliver the outbox in order (reopening a lost session); returns the worker request it
+        delivered, if any, with its reply."""
         delivered = None
         recoveries = 0
         while self.lost or self.outbox:
@@ -628,15 +635,14 @@ class SessionCore:
         """One GetAction of worker records (unary or over a stream, by `send`)."""
         self.check_open()
         steps, n = encode(records)
-        key = request_key(steps, params)
         if self.in_doubt:
             try:
                 settled = yield from self.deliver_plan(budget, send)
             except ActionError as err:
                 raise _earlier(err) from None
-            if settled is not None and settled[0] == key:
+            if settled is not None and settled[0].key() == request_key(steps, params):
                 return settled[1]  # this call is the retry of the request that was in doubt
-        self.outbox.append(self.new_request(steps, n, params, key))
+        self.outbox.append(self.new_request(steps, n, params))
         settled = yield from self.deliver_plan(budget, send)
         assert settled is not None
         return settled[1]
@@ -769,7 +775,6 @@ class GroupCore:
         for i in picked:
             self.sessions[i].check_open()
         encoded = [encode(s) for s in steps]
-        keys = [request_key(enc, params) for enc, _ in encoded]
         replies: dict[int, pb.GetActionResponse] = {}
         errors: dict[int, ActionError] = {}
         # 1. requests of earlier calls whose outcome is unknown
@@ -778,27 +783,27 @@ class GroupCore:
         errors.update({i: _earlier(err) for i, err in errors.items()})
         # 2. the new records (or, for a retry, the reply it already got)
         fresh = []
-        for i, (enc, n), key in zip(picked, encoded, keys, strict=True):
+        for i, (enc, n) in zip(picked, encoded, strict=True):
             if i in errors:
                 continue
-            earlier = settled.get(i)
+            earlier = (settled[i][0].key(), settled[i][1]) if i in settled else None
             if earlier is None and i in memory and memory[i][2] == self.sessions[i].epoch:
                 earlier = memory[i][:2]  # nothing happened to the session since the failed call
-            if earlier is not None and earlier[0] == key:
+            if earlier is not None and earlier[0] == request_key(enc, params):
                 replies[i] = earlier[1]
                 continue
             session = self.sessions[i]
-            session.outbox.append(session.new_request(enc, n, params, key))
+            session.outbox.append(session.new_request(enc, n, params))
             fresh.append(i)
         if fresh:
             delivered = yield from self._deliver(fresh, budget, errors)
             replies.update({i: r for i, (_, r) in delivered.items()})
         if errors:
             outcomes = []
-            for i, key in zip(picked, keys, strict=True):
+            for i, (enc, _) in zip(picked, encoded, strict=True):
                 session = self.sessions[i]
                 if i in replies:
-                    self._retry_replies[i] = (key, replies[i], session.epoch)
+                    self._retry_replies[i] = (request_key(enc, params), replies[i], session.epoch)
                     outcomes.append(EntryOutcome(i, session.id, "applied", action=int(replies[i].action)))
                 else:
                     err = errors[i]
@@ -809,9 +814,9 @@ class GroupCore:
 
     def _deliver(
         self, indices: list[int], budget: Budget, errors: dict[int, ActionError]
-    ) -> Plan[dict[int, tuple[Key, pb.GetActionResponse]]]:
+    ) -> Plan[dict[int, Delivered]]:
         """Deliver the outboxes of `indices` together, one BatchGetAction per round."""
-        delivered: dict[int, tuple[Key, pb.GetActionResponse]] = {}
+        delivered: dict[int, Delivered] = {}
         recoveries = dict.fromkeys(indices, 0)
         active = list(indices)
         while active:
