@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from demo import mouse_env_mode
+
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT = Path(__file__).parent / "checkpoint"
 REPORT_EVERY_S = 0.5
@@ -171,7 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=4, help="environment worker processes")
     parser.add_argument("--envs", type=int, default=8, help="environments per worker")
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each mode")
-    parser.add_argument("--modes", default="batch,stream,unary", help="comma-separated: batch, stream, unary")
+    parser.add_argument(
+        "--modes",
+        default="batch,stream,unary" + (",mouse-env" if mouse_env_mode.available() else ""),
+        help="comma-separated: batch, stream, unary, mouse-env (a RemoteAgent over mouse-env CartPoles; "
+        "needs mouse-env installed)",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     server = None
@@ -179,7 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     if target is None:
         server, target = _start_server(args)
     try:
-        results = {mode: run_mode(target, mode, args) for mode in args.modes.split(",")}
+        results = {
+            mode: mouse_env_mode.run(target, envs=args.envs, seconds=args.seconds)
+            if mode == mouse_env_mode.MODE
+            else run_mode(target, mode, args)
+            for mode in args.modes.split(",")
+        }
     finally:
         if server is not None:
             server.stop()
