@@ -20,11 +20,14 @@ The exactly-once rules, per session:
 
 from __future__ import annotations
 
+import hashlib
+import os
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar, Union
 
 import grpc
@@ -46,6 +49,13 @@ POLICIES = {
     "reset": pb.CONTEXT_POLICY_RESET,
     "reject": pb.CONTEXT_POLICY_REJECT,
 }
+UPDATE_POLICIES = {
+    None: pb.UPDATE_POLICY_UNSPECIFIED,
+    "refill": pb.UPDATE_POLICY_REFILL,
+    "keep": pb.UPDATE_POLICY_KEEP,
+    "reset": pb.UPDATE_POLICY_RESET,
+}
+UPLOAD_CHUNK_BYTES = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 HEALTH_SERVICE = "mouse.action.v1.ActionService"
 _LOST_REASONS = (None, "SESSION_NOT_FOUND", "SESSION_EXPIRED")
@@ -154,16 +164,24 @@ class SessionOptions:
     num_actions: int | None = None
     context_policy: str | None = None
     max_context_steps: int | None = None
+    on_update: str | None = None
 
     def __post_init__(self) -> None:
         if self.context_policy not in POLICIES:
             raise ValidationError(
                 f"context_policy must be one of {[p for p in POLICIES if p]} or None, got {self.context_policy!r}."
             )
+        if self.on_update not in UPDATE_POLICIES:
+            raise ValidationError(
+                f"on_update must be one of {[p for p in UPDATE_POLICIES if p]} or None, got {self.on_update!r}."
+            )
 
     def request(self, session_id: str, start_seq: int = 0) -> pb.OpenSessionRequest:
         req = pb.OpenSessionRequest(
-            model=self.model, session_id=session_id, context_policy=POLICIES[self.context_policy]
+            model=self.model,
+            session_id=session_id,
+            context_policy=POLICIES[self.context_policy],
+            on_update=UPDATE_POLICIES[self.on_update],
         )
         for name in ("seed", "temperature", "num_actions", "max_context_steps"):
             value = getattr(self, name)
@@ -300,6 +318,7 @@ class ClientBase:
         num_actions: int | Sequence[int | None] | None,
         context_policy: str | None,
         max_context_steps: int | None,
+        on_update: str | None = None,
     ) -> Plan[list[tuple[SessionOptions, pb.OpenSessionResponse]]]:
         """Open `n` sessions `<group>.<i>` (one routing key); on a failure, close those opened."""
         group = new_session_id()
@@ -314,6 +333,7 @@ class ClientBase:
                     counts[i],
                     context_policy,
                     max_context_steps,
+                    on_update,
                 )
                 reply = yield from open_plan(self.budget(), options, f"{group}.{i}", any_id=True)
                 opened.append((options, reply))
@@ -326,6 +346,18 @@ class ClientBase:
                     pass
             raise
         return opened
+
+    def _plan_update_model(self, model: str, source: str, revision: str | None, tag: str) -> Plan[int]:
+        """UpdateModel (not retried: a repeated update would be a new version)."""
+        req = pb.UpdateModelRequest(model=model, source=str(source), revision=revision or "", tag=tag)
+        reply = yield Call("UpdateModel", req, None, self.timeout_s)
+        return int(reply.model_version)
+
+    def _plan_push_weights(self, model: str, weights: Any, tag: str, chunk_bytes: int) -> Plan[int]:
+        """PushWeights of a safetensors file (path) or a state dict, in chunks (not retried)."""
+        chunks = upload_chunks(model, safetensors_bytes(weights), tag, chunk_bytes)
+        reply = yield Call("PushWeights", iter(chunks), None, self.timeout_s)  # type: ignore[arg-type]
+        return int(reply.model_version)
 
     def _plan_wait_ready(self, timeout_s: float) -> Plan[None]:
         """Until every target's health service answers SERVING for the ActionService."""
@@ -349,6 +381,41 @@ class ClientBase:
                     grpc.StatusCode.DEADLINE_EXCEEDED,
                     f"{target} was not ready within {timeout_s:g} s (last: {status}).",
                 )
+
+
+def safetensors_bytes(weights: Any) -> bytes:
+    """The bytes of a safetensors file: a path to one, a checkpoint folder holding
+    `model.safetensors`, or a state dict (which needs torch and safetensors, imported here only)."""
+    if isinstance(weights, (str, os.PathLike)):
+        path = Path(weights)
+        if path.is_dir():
+            path = path / "model.safetensors"
+        if not path.is_file():
+            raise ValidationError(f"there is no safetensors file at {path}.")
+        return path.read_bytes()
+    if not isinstance(weights, Mapping):
+        raise ValidationError(
+            f"weights must be a path to a safetensors file or a state dict, got {type(weights).__name__}."
+        )
+    try:
+        from safetensors.torch import save
+    except ImportError:
+        raise ValidationError(
+            "pushing a state dict needs torch and safetensors; save it with mouse_core.save_model and "
+            "push the file instead."
+        ) from None
+    return save({k: v.detach().contiguous().cpu() for k, v in weights.items()}, metadata={"format": "pt"})
+
+
+def upload_chunks(model: str, data: bytes, tag: str, chunk_bytes: int) -> list[pb.PushWeightsRequest]:
+    """A PushWeights upload: the first chunk names the model, size and SHA-256."""
+    if chunk_bytes < 1:
+        raise ValidationError(f"chunk_bytes must be >= 1, got {chunk_bytes}.")
+    parts = [data[i : i + chunk_bytes] for i in range(0, len(data), chunk_bytes)] or [b""]
+    first = pb.PushWeightsRequest(
+        model=model, tag=tag, total_bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), data=parts[0]
+    )
+    return [first, *(pb.PushWeightsRequest(data=p) for p in parts[1:])]
 
 
 def per_session(n: int, value: Any) -> list[Any]:

@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 
 from mouse_client._core import (
+    UPLOAD_CHUNK_BYTES,
     Call,
     ClientBase,
     GroupCore,
@@ -94,6 +95,26 @@ class AsyncActionClient(ClientBase):
         """The model's step schema (`fields`), action count, context and request limits."""
         return await self._run(self._plan_model_info(model))
 
+    # -- weight updates (an admin token: `AsyncActionClient(target, token=<admin token>)`) -----------
+    async def update_model(
+        self, model: str = "default", *, source: str, revision: str | None = None, tag: str = ""
+    ) -> int:
+        """Replace `model`'s weights with a checkpoint the server can read (a folder on the server
+        or a Hub repo id at `revision`); returns the new `model_version`. Needs an admin token."""
+        return await self._run(self._plan_update_model(model, source, revision, tag))
+
+    async def push_weights(
+        self,
+        model: str,
+        weights: Any,
+        *,
+        tag: str = "",
+        chunk_bytes: int = UPLOAD_CHUNK_BYTES,
+    ) -> int:
+        """Stream new weights for `model` (a safetensors file or checkpoint folder, or a state
+        dict when torch is installed); returns the new `model_version`. Needs an admin token."""
+        return await self._run(self._plan_push_weights(model, weights, tag, chunk_bytes))
+
     # -- sessions -----------------------------------------------------------------------------
     async def open_session(
         self,
@@ -104,13 +125,16 @@ class AsyncActionClient(ClientBase):
         num_actions: int | None = None,
         context_policy: str | None = None,
         max_context_steps: int | None = None,
+        on_update: str | None = None,
         session_id: str | None = None,
         recover: bool = True,
         history_steps: int | None = None,
     ) -> AsyncSession:
         """Open a session. With `recover`, a session the server lost (restart, expiry) is
         reopened and its last `history_steps` steps (default: its context length) replayed."""
-        options = SessionOptions(model, seed, temperature, num_actions, context_policy, max_context_steps)
+        options = SessionOptions(
+            model, seed, temperature, num_actions, context_policy, max_context_steps, on_update
+        )
         opened = await self._run(self._plan_open(options, session_id))
         return AsyncSession(self, options, opened, recover=recover, history_steps=history_steps)
 
@@ -124,6 +148,7 @@ class AsyncActionClient(ClientBase):
         num_actions: int | Sequence[int | None] | None = None,
         context_policy: str | None = None,
         max_context_steps: int | None = None,
+        on_update: str | None = None,
         recover: bool = True,
         history_steps: int | None = None,
     ) -> AsyncSessionGroup:
@@ -131,7 +156,7 @@ class AsyncActionClient(ClientBase):
         environments stepped with one `BatchGetAction` per step. Seeds are `seed + i`; `model`
         and `num_actions` may be given per session."""
         plan = self._plan_open_group(
-            n, model, seed, temperature, num_actions, context_policy, max_context_steps
+            n, model, seed, temperature, num_actions, context_policy, max_context_steps, on_update
         )
         return self._group(await self._run(plan), recover=recover, history_steps=history_steps)
 

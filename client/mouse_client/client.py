@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 
 from mouse_client._core import (
+    UPLOAD_CHUNK_BYTES,
     Call,
     ClientBase,
     GroupCore,
@@ -96,6 +97,26 @@ class ActionClient(ClientBase):
         """The model's step schema (`fields`), action count, context and request limits."""
         return self._run(self._plan_model_info(model))
 
+    # -- weight updates (an admin token: `ActionClient(target, token=<admin token>)`) -----------
+    def update_model(
+        self, model: str = "default", *, source: str, revision: str | None = None, tag: str = ""
+    ) -> int:
+        """Replace `model`'s weights with a checkpoint the server can read (a folder on the server
+        or a Hub repo id at `revision`); returns the new `model_version`. Needs an admin token."""
+        return self._run(self._plan_update_model(model, source, revision, tag))
+
+    def push_weights(
+        self,
+        model: str,
+        weights: Any,
+        *,
+        tag: str = "",
+        chunk_bytes: int = UPLOAD_CHUNK_BYTES,
+    ) -> int:
+        """Stream new weights for `model` (a safetensors file or checkpoint folder, or a state
+        dict when torch is installed); returns the new `model_version`. Needs an admin token."""
+        return self._run(self._plan_push_weights(model, weights, tag, chunk_bytes))
+
     # -- sessions -----------------------------------------------------------------------------
     def open_session(
         self,
@@ -106,13 +127,16 @@ class ActionClient(ClientBase):
         num_actions: int | None = None,
         context_policy: str | None = None,
         max_context_steps: int | None = None,
+        on_update: str | None = None,
         session_id: str | None = None,
         recover: bool = True,
         history_steps: int | None = None,
     ) -> Session:
         """Open a session. With `recover`, a session the server lost (restart, expiry) is
         reopened and its last `history_steps` steps (default: its context length) replayed."""
-        options = SessionOptions(model, seed, temperature, num_actions, context_policy, max_context_steps)
+        options = SessionOptions(
+            model, seed, temperature, num_actions, context_policy, max_context_steps, on_update
+        )
         opened = self._run(self._plan_open(options, session_id))
         return Session(self, options, opened, recover=recover, history_steps=history_steps)
 
@@ -126,6 +150,7 @@ class ActionClient(ClientBase):
         num_actions: int | Sequence[int | None] | None = None,
         context_policy: str | None = None,
         max_context_steps: int | None = None,
+        on_update: str | None = None,
         recover: bool = True,
         history_steps: int | None = None,
     ) -> SessionGroup:
@@ -133,7 +158,7 @@ class ActionClient(ClientBase):
         environments stepped with one `BatchGetAction` per step. Seeds are `seed + i`; `model`
         and `num_actions` may be given per session."""
         plan = self._plan_open_group(
-            n, model, seed, temperature, num_actions, context_policy, max_context_steps
+            n, model, seed, temperature, num_actions, context_policy, max_context_steps, on_update
         )
         return self._group(self._run(plan), recover=recover, history_steps=history_steps)
 

@@ -44,8 +44,12 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def adapter_server(models: dict[str, Path]) -> Iterator[ServerProcess]:
-    args = ["--max-sessions", "24"]
+def adapter_server(
+    models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    admin = tmp_path_factory.mktemp("admin") / "admin.txt"
+    admin.write_text("readme-admin-token\n")  # the README's learner example pushes the demo weights
+    args = ["--max-sessions", "24", "--admin-token-file", str(admin)]
     for name, path in models.items():
         args += ["--model", f"{name}={path}"]
     with ServerProcess(*args) as server:
