@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from demo import mouse_env_mode
 from demo.bandit import HORIZON
 from demo.learning import WINDOWS, Curve, LocalActor, ServedActor, format_curves, learning_curve
 
@@ -211,7 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=4, help="environment worker processes")
     parser.add_argument("--envs", type=int, default=8, help="environments per worker")
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each mode")
-    parser.add_argument("--modes", default="batch,stream,unary", help="comma-separated: batch, stream, unary")
+    parser.add_argument(
+        "--modes",
+        default="batch,stream,unary" + (",mouse-env" if mouse_env_mode.available() else ""),
+        help="comma-separated: batch, stream, unary, mouse-env (a RemoteAgent over mouse-env CartPoles; "
+        "needs mouse-env installed)",
+    )
     parser.add_argument(
         "--curve-sessions", type=int, default=32, help="sessions of the learning curve (0: skip it)"
     )
@@ -222,8 +228,13 @@ def main(argv: list[str] | None = None) -> int:
     if target is None:
         server, target = _start_server(args)
     try:
-        modes = [m for m in args.modes.split(",") if m]
-        results = {mode: run_mode(target, mode, args) for mode in modes}
+        results = {
+            mode: mouse_env_mode.run(target, envs=args.envs, seconds=args.seconds)
+            if mode == mouse_env_mode.MODE
+            else run_mode(target, mode, args)
+            for mode in args.modes.split(",")
+            if mode
+        }
         curves = run_learning_curve(target, args) if args.curve_sessions > 0 else {}
     finally:
         if server is not None:

@@ -24,3 +24,8 @@ if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
     echo "setup.sh: nginx is missing and there is no apt-get: install nginx for tests/ops" >&2
   fi
 fi
+# mouse-env 0.5.0 (GPL-3.0) for the adapter tests in tests/integration: a test-only install,
+# never a dependency of the published package. It declares Python >= 3.12 but imports on 3.10+;
+# what its import needs (torch, huggingface_hub, gymnasium) is already in .venv.
+.venv/bin/python -c "import mouse_envs" 2>/dev/null \
+  || .venv/bin/pip install -q --no-deps --ignore-requires-python "mouse-env==0.5.0"

@@ -17,10 +17,11 @@ from mouse_client import (
     AsyncActionClient,
     EpisodeRecorder,
     GymAdapter,
-    HashRing,
+    MouseClientError,
+    ValidationError,
     encode_steps,
-    routing_key,
 )
+from mouse_client.routing import HashRing, routing_key
 from mouse_client.v1 import action_service_pb2 as pb
 from tests.client.conftest import DISCRETE, IMAGE, VARIED
 from tests.server_process import ServerProcess
@@ -81,21 +82,29 @@ def test_async_client(server: ServerProcess) -> None:
             one = await client.open_session(VARIED.name, temperature=0.0)
             solo = [await one.get_action(VARIED.step_record(0, s)) for s in range(VARIED.steps)]
             await one.close()
-            pair = [
-                await client.open_session(VARIED.name, temperature=0.0, session_id=f"grp.{i}")
-                for i in range(2)
-            ]
-            batched = [
-                await client.get_actions(pair, [VARIED.step_record(b, s) for b in range(2)])
-                for s in range(VARIED.steps)
-            ]
-            for s in pair:
-                await s.close()
+            async with await client.open_sessions(2, VARIED.name, temperature=0.0) as pair:
+                batched = [
+                    (await pair.get_actions([VARIED.step_record(b, s) for b in range(2)])).tolist()
+                    for s in range(VARIED.steps)
+                ]
             return solo, batched
 
     solo, batched = asyncio.run(run())
     assert solo == VARIED.greedy(0)
     assert [step[1] for step in batched] == VARIED.greedy(1)
+
+
+def test_channel_options_compression_and_metadata_pass_through(server: ServerProcess) -> None:
+    import grpc
+
+    options = [("grpc.primary_user_agent", "mouse-test"), ("grpc.keepalive_time_ms", 30000)]
+    with ActionClient(server.target, channel_options=options, compression=grpc.Compression.Gzip) as client:
+        client.wait_ready(timeout=30)
+        assert ("grpc.primary_user_agent", "mouse-test") in client.config.options
+        with client.open_session(VARIED.name, temperature=0.0) as session:
+            assert session.get_action(VARIED.step_record(0, 0)) == VARIED.greedy(0)[0]
+    creds = grpc.ssl_channel_credentials()
+    assert ActionClient(server.target, credentials=creds).config.credentials is creds
 
 
 def test_errors_surface_as_action_error(server: ServerProcess) -> None:
@@ -141,6 +150,25 @@ def test_episode_recorder_records() -> None:
     assert late == {"action": 3, "reward": -1.0, "done": 2, "time": 2, "obs_discrete": 6}  # time capped at 2
 
 
+def test_record_builder_fits_observations_and_time() -> None:
+    fields = [("time", 0, 4), ("action", 0, 2), ("obs_continuous", 4, 0), ("reward", 0, 0), ("done", 0, 3)]
+    info = pb.ModelInfo(fields=[pb.FieldInfo(name=n, width=w, max_value=m) for n, w, m in fields])
+    rec = EpisodeRecorder(info, name="env3").reset([0.5, -0.5])
+    assert rec["obs_continuous"].tolist() == [0.5, -0.5, 0.0, 0.0]  # zero-padded to the width
+    with pytest.raises(
+        ValidationError, match="env3: the observation has 5 values but the model's obs_continuous takes 4"
+    ):
+        EpisodeRecorder(info, name="env3").reset(np.zeros(5))
+    strict = EpisodeRecorder(info, time_policy="error")
+    strict.reset(np.zeros(4))
+    for _ in range(3):
+        strict.step(1, np.zeros(4), 0.0, False, False)
+    with pytest.raises(ValidationError, match="time 4 is beyond the model's time table"):
+        strict.step(1, np.zeros(4), 0.0, False, False)
+    with pytest.raises(ValidationError, match="time_policy must be one of"):
+        EpisodeRecorder(info, time_policy="wrap")
+
+
 def test_gym_adapter_runs_episodes(server: ServerProcess) -> None:
     env = ChainEnv()
     with ActionClient(server.target) as client:
@@ -172,19 +200,20 @@ def test_encode_steps_builds_columns() -> None:
 
 
 @pytest.mark.parametrize(
-    ("records", "error", "message"),
+    ("records", "message"),
     [
-        ({"actions": 1}, ValueError, r"unknown step field\(s\) \['actions'\]"),
-        ([{"action": 1}, {"reward": 0.0}], ValueError, "step 1 has fields"),
-        ({"action": 1.5}, ValueError, "action must hold integers"),
-        ({"obs_image": [300]}, ValueError, r"obs_image pixels must be in 0..255"),
-        ({"reward": "high"}, TypeError, "reward must hold numbers"),
-        ([], TypeError, "non-empty sequence"),
+        ({"actions": 1}, r"unknown step field\(s\) \['actions'\]"),
+        ([{"action": 1}, {"reward": 0.0}], "step 1 has fields"),
+        ({"action": 1.5}, "action must hold integers"),
+        ({"obs_image": [300]}, r"obs_image pixels must be in 0..255"),
+        ({"reward": "high"}, "reward must hold numbers"),
+        ([], "non-empty sequence"),
     ],
 )
-def test_encode_steps_refuses_bad_records(records: Any, error: type[Exception], message: str) -> None:
-    with pytest.raises(error, match=message):
+def test_encode_steps_refuses_bad_records(records: Any, message: str) -> None:
+    with pytest.raises(ValidationError, match=message) as info:
         encode_steps(records)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, MouseClientError)
 
 
 def test_hash_ring_is_stable_and_spreads() -> None:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from mouse_client import ActionClient, RetryPolicy, Session, routing_key
+from mouse_client import ActionClient, RetryPolicy, Session
+from mouse_client.routing import routing_key
 from tests.helpers import GoldenCase, golden_cases
 from tests.ops.deploy import DEPLOY, Nginx, free_port, requests_not_ok, scrape, total
 from tests.server_process import ServerProcess

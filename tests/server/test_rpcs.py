@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from mouse_client import ActionClient, ActionError, encode_steps
+from mouse_client import ActionClient, ActionError, SessionClosedError, encode_steps
 from mouse_client.v1 import action_service_pb2 as pb
 from mouse_client.v1 import action_service_pb2_grpc as pb_grpc
 from tests.helpers import GoldenCase
@@ -111,8 +111,12 @@ def test_reset_clears_history_and_keeps_settings(client: ActionClient) -> None:
 def test_close_frees_the_session(client: ActionClient) -> None:
     session = client.open_session(LLAMA.name, recover=False)
     session.close()
-    with pytest.raises(ActionError, match="NOT_FOUND: session .* was closed"):
+    with pytest.raises(SessionClosedError):  # the client refuses at once, and never reopens it
         session.get_action(LLAMA.step_record(0, 0))
+    req = pb.GetActionRequest(session_id=session.id, seq=1, steps=encode_steps(LLAMA.step_record(0, 0)))
+    with pytest.raises(grpc.RpcError) as info:
+        client.stub(session.id).GetAction(req)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND and "was closed" in (info.value.details() or "")
     session.close()  # closing twice is harmless
 
 

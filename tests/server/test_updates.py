@@ -18,7 +18,7 @@ import torch
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from mouse_client import encode_steps
+from mouse_client import ActionClient, encode_steps
 from mouse_client.v1 import action_service_pb2 as pb
 from mouse_client.v1 import action_service_pb2_grpc as pb_grpc
 from mouse_core import Model, load_model, save_model
@@ -381,3 +381,23 @@ def test_updates_under_traffic_fail_no_request_and_replies_carry_a_live_version(
         oldest = 1 + sum(1 for t in updates_done if t < sent)
         assert oldest <= version <= newest, (sent, received, version)
     assert max(v for _, _, v in replies) == 7
+
+
+def test_the_client_pushes_a_state_dict_from_memory(
+    server: ServerProcess, checkpoints: dict[str, Path]
+) -> None:
+    """A learner with torch pushes its model's state dict straight from memory."""
+    with (
+        ActionClient(server.target) as worker,
+        ActionClient(server.target, token="admin-secret") as learner,
+    ):
+        session = worker.open_session(temperature=0.0, on_update="refill")
+        for s in range(N):
+            session.get_reply(record(s))
+        state = load_model(checkpoints["b"]).state_dict()
+        assert learner.push_weights("default", state, tag="from-memory") == 2
+        reply = session.get_reply(record(N))
+        assert (reply.model_version, reply.model_tag) == (2, "from-memory")
+        np.testing.assert_allclose(
+            reply.scores, no_cache_scores(checkpoints["b"], 0, N + 1), rtol=1e-4, atol=1e-5
+        )

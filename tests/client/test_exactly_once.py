@@ -1,0 +1,230 @@
+"""Exactly once on the client paths, against a real server: group calls with a bad entry (retry
+and move on), a client-side deadline, closed sessions, whole-call timeouts, broken streams.
+The golden rows' greedy actions prove each session's context: they match only when every step
+was applied exactly once, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from mouse_client import (
+    ActionClient,
+    ActionError,
+    AsyncActionClient,
+    GroupError,
+    RetryPolicy,
+    SessionClosedError,
+)
+from tests.client.conftest import VARIED
+from tests.server_process import ServerProcess
+
+NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+def row(b: int, s: int) -> dict[str, Any]:
+    return VARIED.step_record(b % VARIED.batch, s)
+
+
+def bad(b: int, s: int) -> dict[str, Any]:
+    return {**row(b, s), "action": 99}
+
+
+def test_group_entry_refused_then_retried_applies_every_record_once(server: ServerProcess) -> None:
+    with (
+        ActionClient(server.target) as client,
+        client.open_sessions(4, VARIED.name, temperature=0.0) as group,
+    ):
+        got: list[list[int]] = [[] for _ in range(4)]
+        for s in range(VARIED.steps):
+            steps = [row(b, s) for b in range(4)]
+            if s == 5:
+                with pytest.raises(GroupError) as info:
+                    group.get_actions([bad(b, s) if b == 1 else steps[b] for b in range(4)])
+                err = info.value
+                assert err.failed == [1] and sorted(err.applied) == [0, 2, 3]
+                entry = err.outcomes[1]
+                assert (entry.index, entry.session_id, entry.status) == (1, group[1].id, "refused")
+                assert entry.code is grpc.StatusCode.INVALID_ARGUMENT and "action" in (entry.message or "")
+                assert err.code is grpc.StatusCode.INVALID_ARGUMENT and err.entry == 1
+                assert [group[b].seq for b in range(4)] == [6, 5, 6, 6]
+            actions = group.get_actions(steps)  # at s == 5: the retry, entry 1 corrected
+            assert actions.dtype == np.int64
+            for b in range(4):
+                got[b].append(int(actions[b]))
+        assert [group[b].seq for b in range(4)] == [VARIED.steps] * 4
+    for b in range(4):
+        assert got[b] == VARIED.greedy(b % VARIED.batch)
+
+
+def test_group_moves_on_after_a_refused_entry(server: ServerProcess) -> None:
+    """Moving on: applied entries keep their record, the refused one never gets it."""
+    with (
+        ActionClient(server.target) as client,
+        client.open_sessions(3, VARIED.name, temperature=0.0) as group,
+    ):
+        for s in range(3):
+            group.get_actions([row(b, s) for b in range(3)])
+        with pytest.raises(GroupError):
+            group.get_actions([row(0, 3), bad(1, 3), row(2, 3)])
+        replies = group.get_replies([row(b, 4) for b in range(3)])  # the next step for everyone
+        assert [r.context_steps for r in replies] == [5, 4, 5]
+        # stepping a subset is the unambiguous way to retry: only entry 1, with its fixed record
+        with pytest.raises(GroupError):
+            group.get_actions([row(0, 5), bad(1, 5), row(2, 5)])
+        (fixed,) = group.get_replies([row(1, 5)], indices=[1])
+        assert fixed.context_steps == 5
+        replies = group.get_replies([row(b, 6) for b in range(3)], mask=np.array([True, True, True]))
+        assert [r.context_steps for r in replies] == [7, 6, 7]
+
+
+def test_client_deadline_then_next_step_applies_both(server: ServerProcess) -> None:
+    """The in-doubt prefill is re-sent (same seq, same records) before the next step goes out,
+    so the context holds both, whether the first attempt reached the server or not."""
+    with ActionClient(server.target, retry=NO_RETRY) as client:
+        session = client.open_session(VARIED.name, recover=False)
+        n = min(600, session.model.max_context_steps // 4)
+        prefill = [row(0, s % VARIED.steps) for s in range(n)]
+        client.timeout_s = 0.002
+        with pytest.raises(ActionError) as info:
+            session.get_action(prefill)
+        assert info.value.in_doubt and info.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert session.in_doubt
+        client.timeout_s = None
+        reply = session.get_reply(row(0, 3))
+        assert (reply.context_steps, reply.seq) == (n + 1, 2)
+        # the same call again right after an in-doubt error is its retry: applied once
+        client.timeout_s = 0.002
+        with pytest.raises(ActionError):
+            session.get_action(prefill)
+        client.timeout_s = None
+        session.get_action(prefill)
+        reply = session.get_reply(row(0, 4))
+        assert (reply.context_steps, reply.seq) == (2 * n + 2, 4)
+        session.close()
+
+
+def test_closed_session_raises_and_is_never_reopened(server: ServerProcess) -> None:
+    with ActionClient(server.target) as client:
+        session = client.open_session(VARIED.name)
+        session.get_action(row(0, 0))
+        session.close()
+        for call in (lambda: session.get_action(row(0, 1)), session.reset, session.stream):
+            with pytest.raises(SessionClosedError, match="is closed"):
+                call()
+        assert session.recoveries == 0
+        group = client.open_sessions(2, VARIED.name)
+        group.close()
+        with pytest.raises(SessionClosedError):
+            group.get_actions([row(0, 0), row(1, 0)])
+
+
+def test_timeout_bounds_the_whole_call_retries_included() -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with ActionClient(f"127.0.0.1:{port}", retry=RetryPolicy(timeout_s=2.0)) as client:
+        started = time.monotonic()
+        with pytest.raises(ActionError) as info:
+            client.list_models()
+        assert time.monotonic() - started < 5.0
+        assert info.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        started = time.monotonic()
+        with pytest.raises(ActionError):
+            client.wait_ready(timeout=1.0)
+        assert time.monotonic() - started < 4.0
+    with ActionClient(f"127.0.0.1:{port}", timeout_s=1.0) as client:
+        started = time.monotonic()
+        with pytest.raises(ActionError):
+            client.model_info()
+        assert time.monotonic() - started < 4.0
+
+
+def test_wait_ready(server: ServerProcess) -> None:
+    with ActionClient(server.target) as client:
+        client.wait_ready(timeout=10)
+        assert client.model_info(VARIED.name).max_num_actions == 4
+
+
+def _request_threads_blocked() -> list[str]:
+    """Threads parked in grpc's consumption of a request iterator."""
+    out = []
+    for ident, frame in sys._current_frames().items():
+        f: Any = frame
+        while f is not None:
+            if f.f_code.co_name == "consume_request_iterator":
+                out.append(str(ident))
+                break
+            f = f.f_back
+    return out
+
+
+def test_broken_stream_leaves_no_request_thread_blocked() -> None:
+    before = set(_request_threads_blocked())
+    server = ServerProcess("--model", str(VARIED.checkpoint))
+    with server, ActionClient(server.target, retry=RetryPolicy(timeout_s=1.0)) as client:
+        session = client.open_session(recover=False)
+        with session.stream() as stream:
+            stream.get_action(row(0, 0))
+            server.kill()
+            with pytest.raises(ActionError) as info:
+                stream.get_action(row(0, 1))
+            assert info.value.in_doubt
+            deadline = time.monotonic() + 10
+            while set(_request_threads_blocked()) - before and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not set(_request_threads_blocked()) - before
+
+
+def test_stream_and_unary_share_the_bookkeeping(server: ServerProcess) -> None:
+    with ActionClient(server.target) as client, client.open_session(VARIED.name, temperature=0.0) as session:
+        got = []
+        with session.stream() as stream:
+            got += [stream.get_action(row(1, s)) for s in range(10)]
+        got += [session.get_action(row(1, s)) for s in range(10, VARIED.steps)]
+        assert got == VARIED.greedy(1)
+
+
+def test_async_group_retry(server: ServerProcess) -> None:
+    async def run() -> list[list[int]]:
+        client = AsyncActionClient(server.target)
+        async with client, await client.open_sessions(2, VARIED.name, temperature=0.0) as group:
+            got: list[list[int]] = [[], []]
+            for s in range(VARIED.steps):
+                steps = [row(b, s) for b in range(2)]
+                if s == 2:
+                    with pytest.raises(GroupError) as info:
+                        await group.get_actions([steps[0], bad(1, s)])
+                    assert info.value.failed == [1]
+                actions = await group.get_actions(steps)
+                for b in range(2):
+                    got[b].append(int(actions[b]))
+            return got
+
+    got = asyncio.run(run())
+    assert got == [VARIED.greedy(0), VARIED.greedy(1)]
+
+
+def test_concurrent_sessions_in_threads(server: ServerProcess) -> None:
+    """Sessions are independent: one per thread, on one client."""
+    results: dict[int, list[int]] = {}
+    with ActionClient(server.target) as client:
+
+        def play(b: int) -> None:
+            with client.open_session(VARIED.name, temperature=0.0) as s:
+                results[b] = [s.get_action(row(b, i)) for i in range(VARIED.steps)]
+
+        threads = [threading.Thread(target=play, args=(b,)) for b in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert all(results[b] == VARIED.greedy(b % 2) for b in range(4))
