@@ -1,7 +1,7 @@
 """mouse_core: a native, checkpoint-compatible MOUSE model in plain PyTorch."""
 
 from mouse_core.cache import AttentionPlan, CacheFullError, KVCachePool
-from mouse_core.checkpoint import DTYPES, CheckpointError, load_model, save_model
+from mouse_core.checkpoint import DTYPES, CheckpointError, load_model, read_checkpoint, save_model
 from mouse_core.config import ConfigError, ModelConfig
 from mouse_core.model import KVCache, Model
 from mouse_core.sampling import counter_uniform, rope_rotate, sample_actions, vec_dqn_scores
@@ -22,6 +22,7 @@ __all__ = [
     "StepValidationError",
     "counter_uniform",
     "load_model",
+    "read_checkpoint",
     "rope_rotate",
     "sample_actions",
     "save_model",

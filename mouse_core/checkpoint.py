@@ -79,11 +79,28 @@ def _fetch(
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated or corrupt files: safetensors, pickle and zip errors
+        raise CheckpointError(f"{path} cannot be read ({type(exc).__name__}: {exc}).") from exc
+
+
+def read_checkpoint(
+    repo_id_or_path: str | Path, *, revision: str | None = None
+) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The config and the weights (CPU tensors as stored) of a checkpoint folder or Hub repo id,
+    without building a model (e.g. to update a served model's weights in place)."""
+    hub_kwargs = {"revision": revision} if revision else {}
+    config_path, weights_path = _fetch(str(repo_id_or_path), False, None, hub_kwargs)
+    try:
+        raw = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{config_path} is not valid JSON: {exc}") from None
+    return ModelConfig.from_dict(raw), _read_state_dict(weights_path)
 
 
 def load_model(

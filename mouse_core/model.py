@@ -324,6 +324,29 @@ class FusedLayer:
     def linears(self) -> tuple[LinearWeights, ...]:
         return self.qkv, self.o, self.gate_up, self.down
 
+    def _tensors(self) -> list[Tensor | None]:
+        return [self.qkv.weight, self.qkv.bias, self.gate_up.weight, self.qk_norm]
+
+    def update_from(self, other: FusedLayer) -> bool:
+        """Copy `other`'s values into this layer's tensors in place (dropping packed copies);
+        False when their shapes, dtypes or devices differ (then nothing is copied)."""
+        pairs = list(zip(self._tensors(), other._tensors(), strict=True))
+
+        def layout(t: Tensor | None) -> tuple[Any, ...] | None:
+            return None if t is None else (t.shape, t.dtype, t.device)
+
+        if any(layout(mine) != layout(theirs) for mine, theirs in pairs):
+            return False
+        for mine, theirs in pairs:
+            if mine is not None and theirs is not None:
+                mine.copy_(theirs)
+        # o, down and the norms are the parameters themselves (already updated in place).
+        self.o, self.down = other.o, other.down
+        self.input_norm, self.post_norm = other.input_norm, other.post_norm
+        for lin in self.linears:
+            lin.packed = lin.packed_copy = None
+        return True
+
 
 class Backbone(nn.Module):
     """Pre-norm decoder stack without token embedding or final norm."""
@@ -348,10 +371,15 @@ class Backbone(nn.Module):
 
     @torch.no_grad()
     def fused_layers(self) -> list[FusedLayer]:
-        """The inference weights, rebuilt when a parameter changed since they were built."""
+        """The inference weights, refreshed when a parameter changed since they were built:
+        copied into the same tensors (captured CUDA graphs and compiled code keep using them)."""
         key = self._weights_key()
         if self._fused is None or key != self._fused_key:
-            self._fused = [FusedLayer(layer) for layer in self.layers]  # type: ignore[arg-type]
+            fresh = [FusedLayer(layer) for layer in self.layers]  # type: ignore[arg-type]
+            if self._fused is None or not all(
+                a.update_from(b) for a, b in zip(self._fused, fresh, strict=True)
+            ):
+                self._fused = fresh
             self._fused_key = key
             self._set_packed(self.packed_linears)
         return self._fused
@@ -545,6 +573,7 @@ class Model(nn.Module):
         """Cast the decoder stack to `dtype`; embedder and heads stay float32 (small, precise)."""
         self.unpack_weights()
         if self.backbone is not None:
+            self.backbone.drop_fused()
             for param in self.backbone.parameters():  # buffers (RoPE frequencies) stay float32
                 param.data = param.data.to(dtype)
         return self
@@ -765,17 +794,21 @@ class Model(nn.Module):
         return self.use_packed_linears(True)
 
     def unpack_weights(self) -> None:
-        """Drop packed weight copies and fused inference weights; linears use their parameters."""
+        """Drop packed weight copies; linears use their weights."""
         for m in self.modules():
             if isinstance(m, Linear):
                 m.packed = None
                 m.packed_copy = None
         if self.backbone is not None:
-            self.backbone.drop_fused()
             self.backbone.packed_linears = False
+            for fused in self.backbone._fused or ():
+                for lin in fused.linears:
+                    lin.packed = lin.packed_copy = None
 
     def _apply(self, fn: Any, recurse: bool = True) -> Model:
         self.unpack_weights()
+        if self.backbone is not None:
+            self.backbone.drop_fused()  # the weights may move to another device or dtype
         return super()._apply(fn, recurse)
 
     def load_state_dict(
@@ -783,6 +816,23 @@ class Model(nn.Module):
     ) -> Any:
         self.unpack_weights()
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    @torch.no_grad()
+    def copy_weights_(self, state: Mapping[str, Tensor]) -> None:
+        """Copy `state` (the keys and shapes of `state_dict()`, any float dtype) into the existing
+        parameters and buffers in place, converting to their dtype and device. The storage stays
+        the same, so captured CUDA graphs and compiled code use the new weights as they are;
+        packed weight copies are rebuilt."""
+        own = self.state_dict(keep_vars=True)
+        unknown = sorted(set(state) - set(own))
+        if unknown:
+            raise KeyError(f"not weights of this model: {unknown[:8]}")
+        packed = self.packed_linears
+        for key, value in state.items():
+            own[key].copy_(value)
+        self.unpack_weights()  # stale copies; the fused weights refresh in place on next use
+        if packed:
+            self.use_packed_linears(True)
 
     def polyak_update(self, dqn_tau: float = 0.0, vec_dqn_tau: float = 0.0) -> None:
         """Soft-update the target heads towards their online heads."""

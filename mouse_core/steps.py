@@ -20,11 +20,17 @@ from mouse_core.config import NUM_DONE_VALUES, EmbeddingConfig
 
 
 class StepValidationError(ValueError):
-    """A step field is missing, mis-shaped, mistyped or out of range."""
+    """A step field is missing, mis-shaped, mistyped or out of range.
 
-    def __init__(self, field: str, message: str) -> None:
+    `index` is the flat position of the first offending value in the checked values, when one
+    value is at fault (divide by the field's width for the step).
+    """
+
+    def __init__(self, field: str, message: str, index: int | None = None) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.detail = message
+        self.index = index
 
 
 @dataclass(frozen=True)
@@ -80,36 +86,37 @@ class StepSchema:
 def check_values(spec: FieldSpec, values: np.ndarray | torch.Tensor | Sequence[float]) -> None:
     """Raise `StepValidationError` unless every value is in range (ints) or finite (floats).
 
-    A flat sequence of Python numbers (a few values, as protobuf hands them over) is checked
-    without numpy, whose per-call cost would dominate for a single step.
+    The error's `index` is the flat position of the first bad value. A flat sequence of Python
+    numbers (a few values, as protobuf hands them over) is checked without numpy, whose per-call
+    cost would dominate for a single step.
     """
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu()
         values = (values.float() if spec.kind == "float" else values.long()).numpy()
-    if isinstance(values, np.ndarray):
-        if values.size == 0:
-            return
-        if spec.kind == "float":
-            finite = np.isfinite(values)
-            bad = None if finite.all() else values[~finite].reshape(-1)[0]
-        else:
-            lo, hi = int(values.min()), int(values.max())
-    else:
-        if len(values) == 0:
-            return
-        if spec.kind == "float":
-            bad = next((v for v in values if not math.isfinite(v)), None)
-        else:
-            lo, hi = min(values), max(values)
     if spec.kind == "float":
+        if isinstance(values, np.ndarray):
+            flat = values.reshape(-1)
+            bad = None if np.isfinite(flat).all() else int(np.flatnonzero(~np.isfinite(flat))[0])
+        else:
+            bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
         if bad is not None:
-            raise StepValidationError(spec.name, f"got {bad}; expected finite floats.")
+            value = flat[bad] if isinstance(values, np.ndarray) else values[bad]
+            raise StepValidationError(spec.name, f"got {value}; expected finite floats.", bad)
         return
     assert spec.high is not None
-    if lo < 0 or hi >= spec.high:
-        raise StepValidationError(
-            spec.name, f"got {lo if lo < 0 else hi}; expected an integer in [0, {spec.high})."
-        )
+    high = spec.high
+    if isinstance(values, np.ndarray):
+        flat = values.reshape(-1)
+        if flat.size == 0 or (int(flat.min()) >= 0 and int(flat.max()) < high):
+            return
+        bad = int(np.flatnonzero((flat < 0) | (flat >= high))[0])
+        value = int(flat[bad])
+    else:
+        if len(values) == 0 or (min(values) >= 0 and max(values) < high):
+            return
+        bad = next(i for i, v in enumerate(values) if not 0 <= v < high)
+        value = int(values[bad])
+    raise StepValidationError(spec.name, f"got {value}; expected an integer in [0, {high}).", bad)
 
 
 def validate_steps(

@@ -3,26 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import sys
 from collections.abc import Sequence
 
 from mouse_serve.config import parse_args
-
-
-def limit_malloc_arenas(arenas: int = 2) -> None:
-    """Cap glibc's per-thread malloc arenas (unless MALLOC_ARENA_MAX is set): with the gRPC,
-    event-loop and runner threads allocating tensors of ever-changing shapes, the default (8 per
-    core) lets resident memory creep up through fragmentation."""
-    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return
-    libc.mallopt(-8, arenas)  # M_ARENA_MAX
+from mouse_serve.memory import limit_malloc_arenas
 
 
 def main(argv: Sequence[str] | None = None) -> int:

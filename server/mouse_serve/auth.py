@@ -11,9 +11,7 @@ import logging
 import os
 from pathlib import Path
 
-import grpc
-
-from mouse_serve.errors import ServiceError
+from mouse_serve.errors import unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -46,25 +44,27 @@ class TokenAuth:
         log.info("loaded %d token(s) from %s", len(self._owners), self.path)
 
     def reload_if_changed(self) -> None:
+        """Re-read the file when it changed. A file that is gone or unreadable revokes every
+        token (fail closed) until it is back."""
         try:
             stat = os.stat(self.path)
             if (stat.st_mtime_ns, stat.st_size, stat.st_ino) != self._stamp:
                 self.reload()
         except OSError as exc:
-            log.warning("cannot re-read token file %s (%s); keeping the current tokens", self.path, exc)
+            if self._stamp is not None or self._owners:
+                log.warning(
+                    "cannot read token file %s (%s): every token is refused until it is back", self.path, exc
+                )
+            self._owners, self._stamp = {}, None
 
     def owner(self, authorization: str | None) -> str:
         """The owner id of an `authorization` header's bearer token; UNAUTHENTICATED otherwise."""
         if authorization is None:
-            raise ServiceError(
-                grpc.StatusCode.UNAUTHENTICATED, "missing 'authorization: Bearer <token>' metadata."
-            )
+            raise unauthenticated("missing 'authorization: Bearer <token>' metadata.")
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise ServiceError(
-                grpc.StatusCode.UNAUTHENTICATED, "the authorization metadata must be 'Bearer <token>'."
-            )
+            raise unauthenticated("the authorization metadata must be 'Bearer <token>'.")
         owner = self._owners.get(_digest(token.strip()))
         if owner is None:
-            raise ServiceError(grpc.StatusCode.UNAUTHENTICATED, "the bearer token is not valid.")
+            raise unauthenticated("the bearer token is not valid.")
         return owner

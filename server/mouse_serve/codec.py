@@ -35,31 +35,45 @@ SMALL_COLUMN = 16
 def decode_steps(
     steps: pb.Steps, schema: StepSchema, model: str, max_steps: int
 ) -> tuple[dict[str, np.ndarray], int]:
-    """Validate a `Steps` message against `schema`; returns ({field: [n, ...]}, n)."""
+    """Validate a `Steps` message against `schema`; returns ({field: [n, ...]}, n).
+
+    Errors name the field (`steps.<name>`) and, for a bad value, the step (0-based) it is in.
+    """
     for name in STEP_FIELDS:
         if name not in schema.names and len(getattr(steps, name)):
             raise invalid(
-                f"steps.{name} is set but model {model!r} does not use it; it reads {list(schema.names)}."
+                f"steps.{name} is set but model {model!r} does not use it; it reads {list(schema.names)}.",
+                "INVALID_STEPS",
+                field=f"steps.{name}",
             )
-    first = schema.fields[0]
-    n = len(getattr(steps, first.name)) // max(first.width, 1)
-    if n == 0:
-        raise invalid(f"steps is empty: model {model!r} needs at least one step with {list(schema.names)}.")
+    # The step count comes from the first field that is present; a missing one is named below.
+    present = [f for f in schema.fields if len(getattr(steps, f.name))]
+    if not present:
+        raise invalid(
+            f"steps is empty: model {model!r} needs at least one step with {list(schema.names)}.",
+            "INVALID_STEPS",
+            field="steps",
+        )
+    n = len(getattr(steps, present[0].name)) // max(present[0].width, 1)
     if n > max_steps:
         raise exhausted(
-            f"steps carries {n} steps; at most {max_steps} are accepted per request (--max-steps-per-request)."
+            f"steps carries {n} steps; at most {max_steps} are accepted per request "
+            "(--max-steps-per-request); send a longer history in several requests.",
+            "TOO_MANY_STEPS",
+            field="steps",
         )
     out: dict[str, np.ndarray] = {}
     for spec in schema.fields:
         values = getattr(steps, spec.name)
         size, want = len(values), n * max(spec.width, 1)
-        if size != want:
+        field = f"steps.{spec.name}"
+        if size != want or n == 0:
             shape = f"{n} steps x {spec.width}" if spec.width else f"{n} steps"
             if size == 0:
-                raise invalid(
-                    f"steps.{spec.name} is missing; model {model!r} needs {spec.describe()} per step ({shape})."
-                )
-            raise invalid(f"steps.{spec.name} has {size} values; expected {want} ({shape}).")
+                message = f"{field} is missing; model {model!r} needs {spec.describe()} per step ({shape})."
+            else:
+                message = f"{field} has {size} values; expected {want} ({shape})."
+            raise invalid(message, "INVALID_STEPS", field=field)
         if spec.name == "obs_image":  # bytes are 0..255 by construction
             col = np.frombuffer(values, dtype=np.uint8).copy()  # writable, for torch
         else:
@@ -67,26 +81,19 @@ def decode_steps(
             try:
                 check_values(spec, values if size <= SMALL_COLUMN else col)
             except StepValidationError as exc:
-                raise invalid(f"steps.{exc}") from None
+                step = None if exc.index is None else exc.index // max(spec.width, 1)
+                where = "" if step is None or n == 1 else f" at step {step} of {n}"
+                raise invalid(
+                    f"{field}{where}: {exc.detail}", "INVALID_STEPS", field=field, step=step
+                ) from None
         out[spec.name] = col.reshape((n, spec.width) if spec.width else (n,))
     return out, n
-
-
-def encode_steps(columns: dict[str, np.ndarray]) -> pb.Steps:
-    """The inverse of `decode_steps` (used by tests and the bench)."""
-    msg = pb.Steps()
-    for name, value in columns.items():
-        if name == "obs_image":
-            msg.obs_image = np.asarray(value, dtype=np.uint8).tobytes()
-        else:
-            getattr(msg, name).extend(np.asarray(value).reshape(-1).tolist())
-    return msg
 
 
 _KIND = {"int": pb.FIELD_KIND_INT, "float": pb.FIELD_KIND_FLOAT}
 
 
-def model_info(runner: ModelRunner) -> pb.ModelInfo:
+def model_info(runner: ModelRunner, max_steps_per_request: int) -> pb.ModelInfo:
     model = runner.model
     fields = [
         pb.FieldInfo(
@@ -109,18 +116,44 @@ def model_info(runner: ModelRunner) -> pb.ModelInfo:
         dtype=runner.dtype_name,
         device=str(runner.device),
         num_parameters=runner.num_parameters,
+        max_steps_per_request=max_steps_per_request,
+        model_version=runner.version,
+        model_tag=runner.tag,
+        execution=execution_choices(runner),
     )
 
 
-def open_reply(session: Session, runner: ModelRunner) -> pb.OpenSessionResponse:
+def execution_choices(runner: ModelRunner) -> list[pb.ExecutionChoice]:
+    """The start-up measurement's choice per batch shape; without one (pinned or skipped), the
+    single path every shape runs, as rows 0 and context 0."""
+    choices = runner.execution_choices
+    if not choices:
+        return [pb.ExecutionChoice(path=str(runner.table.default))]
+    return [
+        pb.ExecutionChoice(
+            rows=c.rows,
+            context_steps=c.context_steps,
+            path=str(c.path),
+            step_ms=c.step_ms,
+            candidates=[
+                f"{path}={ms:.3f}ms" for path, ms in sorted(c.candidates.items(), key=lambda x: x[1])
+            ],
+        )
+        for c in choices
+    ]
+
+
+def open_reply(session: Session, info: pb.ModelInfo) -> pb.OpenSessionResponse:
     return pb.OpenSessionResponse(
         session_id=session.id,
-        model=model_info(runner),
+        model=info,
+        start_seq=session.start_seq,
         seed=session.seed,
         temperature=session.temperature,
         num_actions=session.num_actions,
         context_policy=int(session.policy),
         max_context_steps=session.max_context_steps,
+        on_update=int(session.on_update),
     )
 
 
@@ -131,6 +164,8 @@ def action_reply(result: ActionResult) -> pb.GetActionResponse:
         action=result.action,
         context_steps=result.context_steps,
         context_truncated=result.context_truncated,
+        model_version=result.model_version,
+        model_tag=result.model_tag,
     )
     if result.scores is not None:
         reply.scores.extend(result.scores.tolist())

@@ -1,65 +1,22 @@
 """Prometheus metrics (prometheus-client, its own registry), served on `--metrics-port`.
 
-Counters and histograms are updated by the service and the schedulers; gauges that describe
-current state (sessions, KV pool bytes) are read from the session manager at scrape time.
+Everything is pushed from the event loop as it happens (requests, batches, session events,
+queue lengths); the HTTP thread only reads the registry, never the server's own state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 from mouse_serve.scheduler import BatchStats
 
 if TYPE_CHECKING:
-    from mouse_serve.sessions import SessionManager
+    from mouse_serve.runner import ModelRunner
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
-
-
-class _StateCollector(Collector):
-    """Gauges computed from the live session manager at scrape time."""
-
-    def __init__(self, sessions: SessionManager, load_seconds: dict[str, float]) -> None:
-        self.sessions = sessions
-        self.load_seconds = load_seconds
-
-    def collect(self) -> Iterator[GaugeMetricFamily | InfoMetricFamily]:
-        active = GaugeMetricFamily("mouse_active_sessions", "Open sessions.", labels=["model"])
-        pool = GaugeMetricFamily("mouse_kv_pool_bytes", "KV-cache pool bytes.", labels=["model", "state"])
-        queue = GaugeMetricFamily("mouse_queue_length", "Steps waiting for the model.", labels=["model"])
-        params = GaugeMetricFamily("mouse_model_parameters", "Parameters of the model.", labels=["model"])
-        load = GaugeMetricFamily(
-            "mouse_model_load_seconds", "Time it took to load the model.", labels=["model"]
-        )
-        info = InfoMetricFamily(
-            "mouse_model",
-            "Hosted model.",
-            labels=["model", "source", "backbone", "dtype", "device", "action_head"],
-        )
-        for name, runner in self.sessions.runners.items():
-            count = self.sessions.count(name)
-            active.add_metric([name], count)
-            pool.add_metric([name, "used"], count * runner.pool.bytes_per_slot)
-            pool.add_metric([name, "total"], runner.pool.nbytes)
-            queue.add_metric([name], self.sessions.schedulers[name].queue_length)
-            params.add_metric([name], runner.num_parameters)
-            load.add_metric([name], self.load_seconds.get(name, 0.0))
-            labels = [
-                name,
-                runner.spec.source,
-                runner.backbone,
-                runner.dtype_name,
-                str(runner.device),
-                runner.model.action_head,
-            ]
-            info.add_metric(labels, {})
-        yield from (active, pool, queue, params, load, info)
 
 
 class Metrics:
@@ -111,12 +68,64 @@ class Metrics:
             ["model", "policy"],
             registry=r,
         )
-        self.load_seconds: dict[str, float] = {}
+        self.active_sessions = Gauge("mouse_active_sessions", "Open sessions.", ["model"], registry=r)
+        self.pool_bytes = Gauge("mouse_kv_pool_bytes", "KV-cache pool bytes.", ["model", "state"], registry=r)
+        self.queue_length = Gauge("mouse_queue_length", "Steps waiting for the model.", ["model"], registry=r)
+        self.parameters = Gauge("mouse_model_parameters", "Parameters of the model.", ["model"], registry=r)
+        self.load_seconds = Gauge(
+            "mouse_model_load_seconds", "Time it took to load the model.", ["model"], registry=r
+        )
+        self.model_info = Info("mouse_model", "Hosted model.", ["model"], registry=r)
+        self.model_version = Gauge(
+            "mouse_model_version", "Version of the weights now served (1 at start-up).", ["model"], registry=r
+        )
+        self.model_updates = Counter(
+            "mouse_model_updates",
+            "Weight updates by result (ok, refused, failed).",
+            ["model", "result"],
+            registry=r,
+        )
+        self.model_update_seconds = Histogram(
+            "mouse_model_update_seconds",
+            "Time from receiving a weight update to serving it.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self._request_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._http = None
 
-    def attach(self, sessions: SessionManager) -> None:
-        self.registry.register(_StateCollector(sessions, self.load_seconds))
+    def model_loaded(self, runner: ModelRunner) -> None:
+        name = runner.spec.name
+        self.parameters.labels(name).set(runner.num_parameters)
+        self.load_seconds.labels(name).set(runner.load_seconds)
+        self.pool_bytes.labels(name, "total").set(runner.pool.nbytes)
+        self.pool_bytes.labels(name, "used").set(0)
+        self.active_sessions.labels(name).set(0)
+        self.queue_length.labels(name).set(0)
+        self.model_version.labels(name).set(runner.version)
+        self.model_info.labels(name).info(
+            {
+                "source": runner.spec.source,
+                "backbone": runner.backbone,
+                "dtype": runner.dtype_name,
+                "device": str(runner.device),
+                "action_head": runner.model.action_head,
+            }
+        )
+
+    def model_update(self, model: str, result: str, seconds: float, version: int) -> None:
+        self.model_updates.labels(model, result).inc()
+        self.model_version.labels(model).set(version)
+        if result == "ok":
+            self.model_update_seconds.labels(model).observe(seconds)
+
+    def sessions_changed(self, model: str, count: int, used_bytes: int) -> None:
+        self.active_sessions.labels(model).set(count)
+        self.pool_bytes.labels(model, "used").set(used_bytes)
+
+    def queue_changed(self, model: str, length: int) -> None:
+        self.queue_length.labels(model).set(length)
 
     def observe_request(self, method: str, code: str, seconds: float) -> None:
         key = (method, code)
@@ -132,7 +141,7 @@ class Metrics:
     def observe_batch(self, stats: BatchStats) -> None:
         self.batch_size.labels(stats.model).observe(stats.size)
         self.model_time.labels(stats.model).observe(stats.model_time_s)
-        self.actions.labels(stats.model).inc(stats.size)
+        self.actions.labels(stats.model).inc(stats.actions)
         waits = self.queue_wait.labels(stats.model)
         for wait in stats.queue_wait_s:
             waits.observe(wait)

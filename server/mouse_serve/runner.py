@@ -55,6 +55,9 @@ class WorkItem:
 class WorkResult:
     action: int
     scores: np.ndarray | None
+    model_version: int = 1  # of the weights that ran this forward (chose the action)
+    model_tag: str = ""
+    oldest_version: int = 0  # of a prefill's first chunk, when its chunks ran under several versions
 
 
 def resolve_device(device: str) -> torch.device:
@@ -104,6 +107,8 @@ class ModelRunner:
         self.pool: KVCachePool = model.new_cache_pool(max_sessions, self.max_context_steps)
         self.prefill_chunk_steps = prefill_chunk_steps
         self.load_seconds = 0.0
+        self.version = 1  # of the weights now served: 1 at load, +1 per swap_weights
+        self.tag = ""
         self.max_threads = threads or torch.get_num_threads()
         self.cuda = self.device.type == "cuda"
         use_graphs = decode_graphs == "on" or (decode_graphs == "auto" and self.cuda)
@@ -374,8 +379,18 @@ class ModelRunner:
         draws = (self._tensor(a) for a in (temperature, num_actions, uniform))
         return scores, sample_actions(scores, *draws)
 
+    def swap_weights(self, weights: dict[str, torch.Tensor], tag: str) -> int:
+        """Copy new weights (already validated and converted to the serving dtype and device)
+        into the model's parameters in place; runs on the runner thread, between two forwards.
+        Returns the new version."""
+        self.model.copy_weights_(weights)
+        self.version += 1
+        self.tag = tag
+        return self.version
+
     def run(self, items: list[WorkItem]) -> list[WorkResult]:
         """Apply every item's steps in one batched forward and sample all actions at once."""
+        version, tag = self.version, self.tag
         pool, model, chunk = self.pool, self.model, self.prefill_chunk_steps
         if self.cuda and getattr(self._on_device, "index", None) != self.device.index:
             torch.cuda.set_device(self.device)  # this thread's streams and graphs on our GPU
@@ -416,7 +431,7 @@ class ModelRunner:
                 if scores_host is not None and item.want_scores
                 else None
             )
-            results[order[j]] = WorkResult(int(actions_host[j]), scores_j)
+            results[order[j]] = WorkResult(int(actions_host[j]), scores_j, version, tag)
         return results  # type: ignore[return-value]
 
 

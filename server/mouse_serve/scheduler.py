@@ -1,13 +1,23 @@
-"""Scheduler: batches every pending step of a model into one forward on the runner thread.
+"""Scheduler: owns a model's KV slots and batches every pending step into forwards on the runner
+thread.
 
-Whenever the model is free, the scheduler takes the queued work items in arrival order (one per
-session at most: a session lock keeps a second one out until the first is answered) up to a
-padded-token budget, runs them as one ragged batch on the runner's thread, and resolves each
-item's future. The event loop keeps accepting and queueing requests meanwhile.
+Sessions get their KV slot from the scheduler (`allocate_slot`, `free_slot`); a slot is emptied
+by the runner as part of the next batch that uses it (`WorkItem.reset`), so the pool is only
+written by the runner thread, in forward order.
 
-Before a forward it may wait briefly for stragglers. Each session's turnaround (from its reply
-to its next step) is tracked; sessions whose next step is due within `max_batch_wait_s` (at
-most half a typical forward) are waited for, so a population of workers converges on full
+Whenever the model is free, the scheduler forms one batch and runs it on the runner thread
+(one thread shared by every model of the server, so CPU thread settings never interleave);
+the event loop keeps accepting requests meanwhile. A batch is either the queued single-step
+items (decode steps, in arrival order, within a padded-token budget) or the next chunk of every
+waiting multi-step item (prefills). The two kinds alternate when both wait, so a prefill is never
+starved, and a decode step waits for at most one prefill batch. Chunks are at most
+`prefill_chunk_steps` steps; while sessions are stepping, they shrink so that a prefill batch
+takes about as long as a decode batch (both measured as they run), which keeps every stepping
+session's latency within about twice its own forward whatever the prefills around it.
+
+Before a decode batch it may wait briefly for stragglers. Each session's turnaround (from its
+reply to its next step) is tracked; sessions whose next step is due within `max_batch_wait_s`
+(at most half a typical forward) are waited for, so a population of workers converges on full
 batches instead of alternating half batches, while a client that steps its sessions one after
 another (whose next steps are not due yet) is never kept waiting.
 """
@@ -19,14 +29,15 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 
 from mouse_serve.errors import deadline_exceeded
 from mouse_serve.runner import ModelRunner, WorkItem, WorkResult
 
 log = logging.getLogger(__name__)
 OVERDUE = 2.0  # a session later than twice its usual turnaround has stopped stepping for now
+DECODE_ACTIVE_S = 1.0  # sessions count as stepping for this long after a decode batch
 
 
 @dataclass
@@ -34,22 +45,29 @@ class BatchStats:
     """Reported after every forward (for metrics)."""
 
     model: str
-    size: int
+    size: int  # sessions in the forward
     tokens: int
-    queue_wait_s: list[float]
+    queue_wait_s: list[float]  # of the requests it finished
     model_time_s: float
+    actions: int  # requests it finished (the others were a prefill's leading chunks)
 
 
 @dataclass
 class _Pending:
     item: WorkItem
     future: asyncio.Future[WorkResult]
-    deadline: float | None  # time.monotonic() deadline
+    deadline: float | None  # time.monotonic() deadline; only checked before the first chunk
     queued_at: float = field(default_factory=time.monotonic)
+    done_steps: int = 0  # steps already applied (chunks of a prefill)
+    oldest_version: int = 0  # model version of its first chunk (weights may change between chunks)
+
+    @property
+    def started(self) -> bool:
+        return self.done_steps > 0
 
 
 class Scheduler:
-    """Per-model batching loop in front of a `ModelRunner`."""
+    """Per-model slot owner and batching loop in front of a `ModelRunner`."""
 
     def __init__(
         self,
@@ -57,24 +75,50 @@ class Scheduler:
         *,
         max_batch_tokens: int,
         max_batch_wait_s: float = 0.0,
+        executor: Executor | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
+        on_queue: Callable[[int], None] | None = None,
     ) -> None:
         self.runner = runner
+        self.pool = runner.pool
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_wait_s = max_batch_wait_s
+        self.chunk_steps = runner.prefill_chunk_steps
         self._replied: dict[int, float] = {}  # slot -> when its last step was answered
         self._turnaround: dict[int, float] = {}  # slot -> moving average of reply-to-next-step
         self._forward_s = 0.0  # moving average of one forward
+        self._decode_s = 0.0  # moving average of one decode batch
+        self._prefill_token_s = 0.0  # moving average of a prefill batch's time per token
+        self._last_decode = -float("inf")  # when the last decode batch finished
         self._on_batch = on_batch
-        self._queue: deque[_Pending] = deque()
+        self._on_queue = on_queue
+        self._decodes: deque[_Pending] = deque()  # single-step items
+        self._prefills: deque[_Pending] = deque()  # multi-step items, chunk by chunk
+        self._prefill_next = False  # alternate between the two kinds when both wait
         self._wake = asyncio.Event()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"runner-{runner.spec.name}")
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix=f"runner-{runner.spec.name}")
         self._task: asyncio.Task[None] | None = None
-        self.busy = False
 
+    # -- slots ----------------------------------------------------------------------------------
+    @property
+    def free_slots(self) -> int:
+        return self.pool.num_free
+
+    def allocate_slot(self) -> int:
+        """Claim an empty KV slot for a new session (`CacheFullError` when none is free)."""
+        return self.pool.allocate()
+
+    def free_slot(self, slot: int) -> None:
+        """Give a closed session's slot back; its statistics go with it."""
+        self._replied.pop(slot, None)
+        self._turnaround.pop(slot, None)
+        self.pool.free(slot)
+
+    # -- queue ----------------------------------------------------------------------------------
     @property
     def queue_length(self) -> int:
-        return len(self._queue)
+        return len(self._decodes) + len(self._prefills)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(
@@ -85,61 +129,100 @@ class Scheduler:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        self._executor.shutdown(wait=True)
+        if self._own_executor:
+            self._executor.shutdown(wait=True)
 
     def submit(self, item: WorkItem, deadline: float | None = None) -> asyncio.Future[WorkResult]:
-        """Queue `item`; the future resolves once it has been applied."""
+        """Queue `item`; the future resolves once all its steps have been applied."""
         future: asyncio.Future[WorkResult] = asyncio.get_running_loop().create_future()
         pending = _Pending(item, future, deadline)
-        self._queue.append(pending)
+        (self._decodes if item.num_steps == 1 else self._prefills).append(pending)
         replied = self._replied.pop(item.slot, None)
         if replied is not None:
             gap = pending.queued_at - replied
             previous = self._turnaround.get(item.slot, gap)
             self._turnaround[item.slot] = 0.5 * previous + 0.5 * gap
+        self._queue_changed()
         self._wake.set()
         return future
 
     def cancel(self, future: asyncio.Future[WorkResult]) -> bool:
-        """Withdraw a still-queued item; False when it is already being computed."""
-        for pending in self._queue:
-            if pending.future is future:
-                self._queue.remove(pending)
-                future.cancel()
-                return True
+        """Withdraw an item none of whose steps ran yet; False once it has started."""
+        for queue in (self._decodes, self._prefills):
+            for pending in queue:
+                if pending.future is future:
+                    if pending.started:
+                        return False
+                    queue.remove(pending)
+                    future.cancel()
+                    self._queue_changed()
+                    return True
         return future.cancelled()
 
-    def _tokens(self, item: WorkItem) -> int:
-        steps_in_batch = (item.num_steps - 1) % self.runner.prefill_chunk_steps + 1
-        return steps_in_batch * self.runner.model.tokens_per_step
+    def _queue_changed(self) -> None:
+        if self._on_queue is not None:
+            self._on_queue(self.queue_length)
 
-    def _take(self) -> list[_Pending]:
-        """Pop a batch in arrival order within the padded-token budget (always at least one)."""
-        batch: list[_Pending] = []
-        widest = 0
-        now = time.monotonic()
-        while self._queue:
-            pending = self._queue[0]
+    def _tokens(self, steps: int) -> int:
+        return steps * self.runner.model.tokens_per_step
+
+    def _live(self, queue: deque[_Pending], now: float) -> list[_Pending]:
+        """Drop finished items and refuse those whose deadline passed before they started."""
+        live = []
+        for pending in queue:
             if pending.future.done():
-                self._queue.popleft()
                 continue
-            if pending.deadline is not None and now > pending.deadline:
-                self._queue.popleft()
+            if not pending.started and pending.deadline is not None and now > pending.deadline:
                 pending.future.set_exception(
                     deadline_exceeded("the request's deadline passed before it ran; it was not applied.")
                 )
                 continue
-            tokens = self._tokens(pending.item)
+            live.append(pending)
+        queue.clear()
+        queue.extend(live)
+        return live
+
+    def _take(self) -> tuple[list[_Pending], list[WorkItem]]:
+        """The next batch: (pending entries, the work items to run for them)."""
+        now = time.monotonic()
+        decodes, prefills = self._live(self._decodes, now), self._live(self._prefills, now)
+        use_prefills = bool(prefills) and (self._prefill_next or not decodes)
+        self._prefill_next = not use_prefills
+        queue = self._prefills if use_prefills else self._decodes
+        chunk = self._chunk_limit(len(queue), now) if use_prefills else 1
+        batch: list[_Pending] = []
+        widest = 0
+        while queue:
+            pending = queue[0]
+            steps = min(pending.item.num_steps - pending.done_steps, chunk)
+            tokens = self._tokens(steps)
             if batch and (len(batch) + 1) * max(widest, tokens) > self.max_batch_tokens:
                 break
             widest = max(widest, tokens)
-            batch.append(self._queue.popleft())
-        return batch
+            batch.append(queue.popleft())
+        return batch, [self._chunk(p, chunk) for p in batch]
+
+    def _chunk_limit(self, items: int, now: float) -> int:
+        """Steps per prefill item in the next prefill batch: `prefill_chunk_steps`, or while
+        sessions are stepping, what makes the batch about as long as a decode batch."""
+        if now - self._last_decode > DECODE_ACTIVE_S or not (self._decode_s and self._prefill_token_s):
+            return self.chunk_steps
+        tokens = self._decode_s / self._prefill_token_s
+        return max(1, min(self.chunk_steps, int(tokens / (items * self.runner.model.tokens_per_step))))
+
+    def _chunk(self, pending: _Pending, chunk: int) -> WorkItem:
+        item = pending.item
+        if item.num_steps == 1 or (pending.done_steps == 0 and item.num_steps <= chunk):
+            return item
+        start = pending.done_steps
+        stop = min(start + chunk, item.num_steps)
+        steps = {k: v[start:stop] for k, v in item.steps.items()}
+        return replace(item, steps=steps, num_steps=stop - start, reset=item.reset and start == 0)
 
     async def _await_stragglers(self) -> None:
         """Wait (briefly) for sessions whose next step is due about now."""
         budget = min(self.max_batch_wait_s, 0.5 * self._forward_s)
-        if budget <= 0:
+        if budget <= 0 or not self._decodes:
             return
         now = time.monotonic()
         due = 0
@@ -149,8 +232,8 @@ class Scheduler:
                 del self._replied[slot]
             elif replied + turnaround <= now + budget:
                 due += 1
-        wanted, deadline = len(self._queue) + due, now + budget
-        while len(self._queue) < wanted and (left := deadline - time.monotonic()) > 0:
+        wanted, deadline = len(self._decodes) + due, now + budget
+        while len(self._decodes) < wanted and (left := deadline - time.monotonic()) > 0:
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), left)
@@ -160,40 +243,59 @@ class Scheduler:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._queue:
+            if not self.queue_length:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            await self._await_stragglers()
-            batch = self._take()
+            if not self._prefills or not self._prefill_next:
+                await self._await_stragglers()
+            batch, items = self._take()
+            self._queue_changed()
             if not batch:
                 continue
             started = time.monotonic()
-            self.busy = True
             try:
-                results = await loop.run_in_executor(self._executor, self.runner.run, [p.item for p in batch])
+                results = await loop.run_in_executor(self._executor, self.runner.run, items)
             except Exception as exc:
                 log.exception("forward of %d item(s) failed", len(batch))
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(exc)
                 continue
-            finally:
-                self.busy = False
             done = time.monotonic()
             elapsed = done - started
-            self._forward_s = elapsed if not self._forward_s else 0.9 * self._forward_s + 0.1 * elapsed
-            for p, result in zip(batch, results, strict=True):
+            self._forward_s = _average(self._forward_s, elapsed)
+            if all(i.num_steps == 1 for i in items):
+                self._decode_s = _average(self._decode_s, elapsed)
+                self._last_decode = done
+            else:
+                tokens = sum(self._tokens(i.num_steps) for i in items)
+                self._prefill_token_s = _average(self._prefill_token_s, elapsed / tokens)
+            finished = []
+            for p, item, result in zip(batch, items, results, strict=True):
+                p.done_steps += item.num_steps
+                p.oldest_version = p.oldest_version or result.model_version
+                if p.done_steps < p.item.num_steps:
+                    self._prefills.append(p)  # its next chunk runs in a later batch
+                    continue
+                finished.append(p)
                 self._replied[p.item.slot] = done
+                result.oldest_version = p.oldest_version
                 if not p.future.done():
                     p.future.set_result(result)
             if self._on_batch is not None:
                 self._on_batch(
                     BatchStats(
                         self.runner.spec.name,
-                        len(batch),
-                        sum(self._tokens(p.item) for p in batch),
-                        [started - p.queued_at for p in batch],
+                        len(items),
+                        sum(self._tokens(i.num_steps) for i in items),
+                        [started - p.queued_at for p in finished],
                         elapsed,
+                        len(finished),
                     )
                 )
+
+
+def _average(average: float, sample: float) -> float:
+    """An exponential moving average that starts at its first sample."""
+    return sample if not average else 0.9 * average + 0.1 * sample

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import signal
+import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,11 +18,13 @@ from grpc_reflection.v1alpha import reflection
 from mouse_client.v1 import action_service_pb2 as pb
 from mouse_serve.auth import TokenAuth
 from mouse_serve.config import ServerConfig
+from mouse_serve.memory import release_free_memory
 from mouse_serve.metrics import Metrics
 from mouse_serve.runner import ModelRunner
 from mouse_serve.scheduler import Scheduler
 from mouse_serve.service import ActionService, add_to_server
-from mouse_serve.sessions import ContextPolicy, SessionManager
+from mouse_serve.sessions import ContextPolicy, SessionManager, UpdatePolicy
+from mouse_serve.updates import ModelUpdater
 
 log = logging.getLogger("mouse_serve")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ActionService"].full_name
@@ -29,11 +32,18 @@ EXPIRY_INTERVAL_S = 1.0
 TRIM_INTERVAL_S = 30.0
 
 
-def release_free_memory() -> None:
-    """Hand the heap's free pages back to the OS (glibc), so ever-changing tensor shapes do not
-    ratchet resident memory up; a no-op elsewhere."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+def check_port_free(host: str, port: int) -> None:
+    """OSError now, before any model loads, when `host:port` cannot be bound."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As gRPC binds: connections of a previous process in TIME_WAIT do not block the port.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def load_runners(config: ServerConfig) -> dict[str, ModelRunner]:
@@ -47,6 +57,11 @@ def load_runners(config: ServerConfig) -> dict[str, ModelRunner]:
             prefill_chunk_steps=config.prefill_chunk_steps,
             threads=config.threads,
             decode_graphs=config.decode_graphs,
+            compile=config.compile,
+            compile_cache=config.compile_cache,
+            autotune=config.autotune,
+            autotune_cache=config.autotune_cache,
+            execution=config.execution or None,
         )
         for spec in config.models
     }
@@ -59,36 +74,46 @@ class Server:
         self.config = config
         self.runners = runners
         self.metrics = Metrics()
-        self.schedulers = {
-            name: Scheduler(
+        # One runner thread for every model: forwards never overlap, so per-forward CPU thread
+        # settings of one model cannot change another's mid-forward.
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="runner")
+        self.schedulers = {}
+        for name, runner in runners.items():
+            self.metrics.model_loaded(runner)
+            self.schedulers[name] = Scheduler(
                 runner,
                 max_batch_tokens=config.max_batch_tokens,
-                max_batch_wait_s=config.max_batch_wait_s,
+                max_batch_wait_s=config.max_batch_wait_ms / 1000.0,
+                executor=self.executor,
                 on_batch=self.metrics.observe_batch,
+                on_queue=lambda length, name=name: self.metrics.queue_changed(name, length),
             )
-            for name, runner in runners.items()
-        }
         self.sessions = SessionManager(
             runners,
             self.schedulers,
             default_policy=ContextPolicy[config.context_policy.upper()],
-            idle_timeout_s=config.idle_timeout_s,
+            default_on_update=UpdatePolicy[config.on_update.upper()],
+            idle_timeout_s=config.idle_timeout,
             max_sessions_per_owner=config.max_sessions_per_token,
+            max_pending_per_session=config.max_pending_per_session,
             metrics=self.metrics,
         )
-        self.metrics.attach(self.sessions)
-        self.metrics.load_seconds.update({name: r.load_seconds for name, r in runners.items()})
         self.auth = TokenAuth(config.token_file) if config.token_file else None
+        self.admin = TokenAuth(config.admin_token_file) if config.admin_token_file else None
         self.service = ActionService(
             self.sessions,
             max_steps_per_request=config.max_steps_per_request,
+            max_requests_per_stream=config.max_requests_per_stream,
             auth=self.auth,
+            admin=self.admin,
+            updater=ModelUpdater(runners, self.executor, self.metrics) if self.admin else None,
         )
         self.health = health.aio.HealthServicer()
         self.grpc = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
+                ("grpc.max_concurrent_streams", config.max_streams_per_connection),
                 ("grpc.so_reuseport", 0),
             ]
         )
@@ -140,29 +165,38 @@ class Server:
         while True:
             await asyncio.sleep(EXPIRY_INTERVAL_S)
             self.sessions.expire_idle()
-            if self.auth is not None:
-                self.auth.reload_if_changed()
+            for auth in (self.auth, self.admin):
+                if auth is not None:
+                    auth.reload_if_changed()
             if time.monotonic() - trimmed > TRIM_INTERVAL_S:
                 release_free_memory()
                 trimmed = time.monotonic()
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Stop serving: health NOT_SERVING, no new sessions, in-flight calls get `grace_s`."""
-        grace = self.config.grace_period_s if grace_s is None else grace_s
+        """Drain, then stop: health turns NOT_SERVING and new sessions are refused while the
+        requests in flight complete (up to `grace_s`); then the server closes its calls."""
+        grace = self.config.grace_period if grace_s is None else grace_s
+        deadline = time.monotonic() + grace
         self.service.draining = True
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.grpc.stop(grace)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.service.wait_idle(), grace)
+        await self.grpc.stop(max(deadline - time.monotonic(), 0.0))
         if self._expiry is not None:
             self._expiry.cancel()
         for scheduler in self.schedulers.values():
             await scheduler.stop()
+        self.executor.shutdown(wait=True)
         self.metrics.stop()
         log.info("stopped")
 
 
 async def serve(config: ServerConfig) -> None:
     """Load the models, serve until SIGTERM/SIGINT, then shut down gracefully."""
+    check_port_free(config.host, config.port)
+    if config.metrics_port:
+        check_port_free(config.host, config.metrics_port)
     runners = await asyncio.to_thread(load_runners, config)
     server = Server(config, runners)
     await server.start()
@@ -172,5 +206,5 @@ async def serve(config: ServerConfig) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down (grace period %.1fs)", config.grace_period_s)
+    log.info("shutting down (grace period %.1fs)", config.grace_period)
     await server.stop()

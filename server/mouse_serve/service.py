@@ -1,17 +1,23 @@
 """gRPC transport: `mouse.action.v1.ActionService` on grpc.aio.
 
 Each handler decodes and validates its request, hands it to the session manager and encodes the
-reply. A `ServiceError` becomes the call's status (or, inside StreamActions and BatchGetAction,
-that item's `RequestError`); anything unexpected is logged and answered with INTERNAL while the
-server keeps serving.
+reply. A `ServiceError` becomes the call's status with its rich details (or, inside
+StreamActions and BatchGetAction, that item's `RequestError`); anything unexpected is logged and
+answered with INTERNAL while the server keeps serving. A stream holds at most
+`max_requests_per_stream` requests between reading them and writing their replies: a client
+that does not read its replies stops being read from.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import re
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -21,11 +27,21 @@ from mouse_client.v1 import action_service_pb2 as pb
 from mouse_client.v1 import action_service_pb2_grpc as pb_grpc
 from mouse_serve.auth import TokenAuth
 from mouse_serve.codec import action_reply, decode_steps, model_info, open_reply
-from mouse_serve.errors import ServiceError, invalid, unavailable
+from mouse_serve.errors import (
+    ServiceError,
+    failed_precondition,
+    internal,
+    invalid,
+    permission_denied,
+    unavailable,
+)
+from mouse_serve.runner import ModelRunner
 from mouse_serve.sessions import SessionManager, SessionSettings
+from mouse_serve.updates import ModelUpdater, UpdateOutcome, upload_limit
 
 log = logging.getLogger(__name__)
 SESSION_HEADER = "mouse-session-id"
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 T = TypeVar("T")
 
 
@@ -33,9 +49,21 @@ def _status(exc: Exception) -> ServiceError:
     if isinstance(exc, ServiceError):
         return exc
     log.exception("unexpected error while serving a request")
-    return ServiceError(
-        grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); the server keeps serving."
+    return internal(
+        f"internal error ({type(exc).__name__}); the request was not applied, the server keeps serving."
     )
+
+
+def request_digest(req: pb.GetActionRequest) -> bytes:
+    """Identifies a GetAction's content: its steps and every option that changes the reply."""
+    options = (
+        req.temperature if req.HasField("temperature") else None,
+        req.num_actions if req.HasField("num_actions") else None,
+        req.return_scores,
+    )
+    digest = hashlib.blake2b(repr(options).encode(), digest_size=16)
+    digest.update(req.steps.SerializeToString(deterministic=True))
+    return digest.digest()
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -54,7 +82,9 @@ class Malformed:
     """A request whose bytes did not parse; it is answered with INVALID_ARGUMENT."""
 
     def __init__(self, type_name: str, error: Exception) -> None:
-        self.message = f"the request is not a valid {type_name} message ({error})."
+        self.error = invalid(
+            f"the request is not a valid {type_name} message ({error}).", "MALFORMED_MESSAGE"
+        )
 
 
 def _parser(message: type[Message]) -> Callable[[bytes], Message | Malformed]:
@@ -94,15 +124,37 @@ class ActionService(pb_grpc.ActionServiceServicer):
         sessions: SessionManager,
         *,
         max_steps_per_request: int,
+        max_requests_per_stream: int = 16,
         auth: TokenAuth | None = None,
+        admin: TokenAuth | None = None,
+        updater: ModelUpdater | None = None,
     ) -> None:
         self.sessions = sessions
         self.metrics = sessions.metrics
+        self.admin = admin
+        self.updater = updater
         self.max_steps_per_request = max_steps_per_request
+        self.max_requests_per_stream = max_requests_per_stream
         self.auth = auth
         self.draining = False
+        self.in_flight = 0  # requests being handled (unary calls, stream items)
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     # -- helpers ------------------------------------------------------------------------------
+    def _begin(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def _end(self) -> None:
+        self.in_flight -= 1
+        if not self.in_flight:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Until no request is being handled."""
+        await self._idle.wait()
+
     async def _unary(
         self,
         method: str,
@@ -112,69 +164,131 @@ class ActionService(pb_grpc.ActionServiceServicer):
     ) -> T:
         """Authenticate, run `handler(owner)`, count and time it, turn errors into the status."""
         started = time.perf_counter()
+        self._begin()
         try:
             owner = self._owner(context)
             if isinstance(request, Malformed):
-                raise invalid(request.message)
+                raise request.error
             reply = await handler(owner)
         except Exception as exc:
             err = _status(exc)
             self.metrics.observe_request(method, err.code.name, time.perf_counter() - started)
-            await context.abort(err.code, err.message)
+            await context.abort(err.code, err.message, err.trailing_metadata())
+        finally:
+            self._end()
         self.metrics.observe_request(method, "OK", time.perf_counter() - started)
         return reply
 
     async def _item(
-        self, method: str, req: pb.GetActionRequest, owner: str | None, deadline: float | None
-    ) -> tuple[pb.GetActionResponse | None, pb.RequestError | None]:
-        """One GetAction inside a stream or batch: (response, None) or (None, error)."""
+        self,
+        method: str,
+        req: pb.GetActionRequest,
+        owner: str | None,
+        deadline: float | None,
+        entry: int | None = None,
+    ) -> pb.GetActionResponse | pb.RequestError:
+        """One GetAction inside a stream or batch: its response, or its error."""
         started = time.perf_counter()
+        self._begin()
         try:
-            reply = await self._get_action(req, owner, deadline)
+            reply = await self._get_action(req, owner, deadline, bounded=entry is not None)
         except Exception as exc:
-            err = _status(exc)
+            err = _status(exc).add(entry=entry)
             self.metrics.observe_request(method, err.code.name, time.perf_counter() - started)
-            return None, pb.RequestError(code=err.code.value[0], message=err.message)
+            return err.request_error()
+        finally:
+            self._end()
         self.metrics.observe_request(method, "OK", time.perf_counter() - started)
-        return reply, None
+        return reply
 
     def _owner(self, context: grpc.aio.ServicerContext) -> str | None:
         """The session owner of the call's bearer token (None without authentication)."""
         return self.auth.owner(_header(context, "authorization")) if self.auth else None
 
-    def _check_header(self, context: grpc.aio.ServicerContext, session_id: str) -> None:
+    def _check_admin(self, context: grpc.aio.ServicerContext) -> None:
+        """Weight updates need an admin token (--admin-token-file); a worker token is not one."""
+        if self.admin is None or self.updater is None:
+            raise failed_precondition(
+                "model updates are disabled on this server; start it with --admin-token-file.",
+                "UPDATES_DISABLED",
+            )
+        header = _header(context, "authorization")
+        try:
+            self.admin.owner(header)
+        except ServiceError:
+            if self.auth is not None:
+                try:
+                    self.auth.owner(header)
+                except ServiceError:
+                    pass
+                else:
+                    raise permission_denied(
+                        "this token may act but not update models; use an admin token."
+                    ) from None
+            raise
+
+    async def _admin_call(
+        self, method: str, context: grpc.aio.ServicerContext, handler: Callable[[], Awaitable[T]]
+    ) -> T:
+        """An admin RPC: admin token, counted and timed, errors as statuses."""
+        started = time.perf_counter()
+        self._begin()
+        try:
+            self._check_admin(context)
+            reply = await handler()
+        except Exception as exc:
+            err = _status(exc)
+            self.metrics.observe_request(method, err.code.name, time.perf_counter() - started)
+            await context.abort(err.code, err.message, err.trailing_metadata())
+        finally:
+            self._end()
+        self.metrics.observe_request(method, "OK", time.perf_counter() - started)
+        return reply
+
+    @staticmethod
+    def _check_header(context: grpc.aio.ServicerContext, session_id: str) -> None:
         header = _header(context, SESSION_HEADER)
         if header is not None and session_id and header != session_id:
             raise invalid(
-                f"metadata {SESSION_HEADER}={header!r} does not match the request's session_id {session_id!r}."
+                f"metadata {SESSION_HEADER}={header!r} does not match the request's session_id {session_id!r}.",
+                field=SESSION_HEADER,
             )
 
     async def _get_action(
-        self, req: pb.GetActionRequest, owner: str | None, deadline: float | None
+        self, req: pb.GetActionRequest, owner: str | None, deadline: float | None, bounded: bool = True
     ) -> pb.GetActionResponse:
-        session = self.sessions.get(req.session_id, owner)
-        runner = self.sessions.runners[session.model]
-        steps, n = decode_steps(
-            req.steps, runner.model.step_schema, session.model, self.max_steps_per_request
-        )
-        result = await self.sessions.step(
-            session,
-            req.seq,
-            steps,
-            n,
-            temperature=req.temperature if req.HasField("temperature") else None,
-            num_actions=req.num_actions if req.HasField("num_actions") else None,
-            want_scores=req.return_scores,
-            deadline=deadline,
-        )
+        try:
+            session = self.sessions.get(req.session_id, owner)
+            runner = self.sessions.runners[session.model]
+            steps, n = decode_steps(
+                req.steps, runner.model.step_schema, session.model, self.max_steps_per_request
+            )
+            result = await self.sessions.step(
+                session,
+                req.seq,
+                request_digest(req),
+                steps,
+                n,
+                temperature=req.temperature if req.HasField("temperature") else None,
+                num_actions=req.num_actions if req.HasField("num_actions") else None,
+                want_scores=req.return_scores,
+                deadline=deadline,
+                bounded=bounded,
+            )
+        except ServiceError as err:
+            err.add(session_id=req.session_id or None, seq=req.seq)
+            raise
         return action_reply(result)
+
+    def _model_info(self, name: str) -> pb.ModelInfo:
+        return model_info(self.sessions.runner(name), self.max_steps_per_request)
 
     # -- RPCs ---------------------------------------------------------------------------------
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
         async def handle(owner: str | None) -> pb.ListModelsResponse:
-            return pb.ListModelsResponse(models=[model_info(r) for r in self.sessions.runners.values()])
+            return pb.ListModelsResponse(models=[self._model_info(name) for name in self.sessions.runners])
 
         return await self._unary("ListModels", request, context, handle)
 
@@ -182,7 +296,7 @@ class ActionService(pb_grpc.ActionServiceServicer):
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
         async def handle(owner: str | None) -> pb.GetModelInfoResponse:
-            return pb.GetModelInfoResponse(model=model_info(self.sessions.runner(request.model)))
+            return pb.GetModelInfoResponse(model=self._model_info(request.model))
 
         return await self._unary("GetModelInfo", request, context, handle)
 
@@ -192,12 +306,14 @@ class ActionService(pb_grpc.ActionServiceServicer):
         async def handle(owner: str | None) -> pb.OpenSessionResponse:
             if self.draining:
                 raise unavailable(
-                    "the server is shutting down and opens no new sessions; retry on another replica."
+                    "the server is shutting down and opens no new sessions; retry on another replica.",
+                    "SERVER_DRAINING",
                 )
             header = _header(context, SESSION_HEADER)
             if header is not None and request.session_id and header != request.session_id:
                 raise invalid(
-                    f"metadata {SESSION_HEADER}={header!r} does not match session_id {request.session_id!r}."
+                    f"metadata {SESSION_HEADER}={header!r} does not match session_id {request.session_id!r}.",
+                    field=SESSION_HEADER,
                 )
             settings = SessionSettings(
                 model=request.model,
@@ -209,9 +325,11 @@ class ActionService(pb_grpc.ActionServiceServicer):
                 if request.HasField("max_context_steps")
                 else None,
                 session_id=request.session_id or header or "",
+                start_seq=request.start_seq,
+                on_update=request.on_update,
             )
             session = self.sessions.open(settings, owner)
-            return open_reply(session, self.sessions.runners[session.model])
+            return open_reply(session, self._model_info(session.model))
 
         return await self._unary("OpenSession", request, context, handle)
 
@@ -231,22 +349,23 @@ class ActionService(pb_grpc.ActionServiceServicer):
             owner = self._owner(context)
         except ServiceError as err:
             self.metrics.observe_request("StreamActions", err.code.name, 0.0)
-            await context.abort(err.code, err.message)
+            await context.abort(err.code, err.message, err.trailing_metadata())
+        # A permit per request between reading it and writing its reply: when replies are not
+        # consumed, writes stall on flow control, no permit comes back and reading stops.
+        permits = asyncio.Semaphore(self.max_requests_per_stream)
         replies: asyncio.Queue[pb.StreamActionsResponse | None] = asyncio.Queue()
 
         async def answer(msg: pb.StreamActionsRequest | Malformed) -> None:
             if isinstance(msg, Malformed):
                 self.metrics.observe_request("StreamActions", "INVALID_ARGUMENT", 0.0)
-                replies.put_nowait(
-                    pb.StreamActionsResponse(error=pb.RequestError(code=3, message=msg.message))
-                )
+                replies.put_nowait(pb.StreamActionsResponse(error=msg.error.request_error()))
                 return
             req = msg.request
-            response, error = await self._item("StreamActions", req, owner, None)
+            result = await self._item("StreamActions", req, owner, None)
             reply = (
-                pb.StreamActionsResponse(response=response)
-                if response
-                else pb.StreamActionsResponse(error=error)
+                pb.StreamActionsResponse(response=result)
+                if isinstance(result, pb.GetActionResponse)
+                else pb.StreamActionsResponse(error=result)
             )
             reply.session_id, reply.seq = req.session_id, req.seq
             replies.put_nowait(reply)
@@ -255,6 +374,7 @@ class ActionService(pb_grpc.ActionServiceServicer):
             pending: set[asyncio.Task[None]] = set()
             try:
                 async for msg in request_iterator:
+                    await permits.acquire()
                     task = asyncio.create_task(answer(msg))
                     pending.add(task)
                     task.add_done_callback(pending.discard)
@@ -267,6 +387,7 @@ class ActionService(pb_grpc.ActionServiceServicer):
         try:
             while (reply := await replies.get()) is not None:
                 yield reply
+                permits.release()
             await reader  # surfaces a broken request stream
         finally:
             reader.cancel()
@@ -277,14 +398,17 @@ class ActionService(pb_grpc.ActionServiceServicer):
         async def handle(owner: str | None) -> pb.BatchGetActionResponse:
             deadline = _deadline(context)
             items = await asyncio.gather(
-                *(self._item("BatchGetAction", r, owner, deadline) for r in request.requests)
+                *(
+                    self._item("BatchGetAction", r, owner, deadline, entry=i)
+                    for i, r in enumerate(request.requests)
+                )
             )
             return pb.BatchGetActionResponse(
                 results=[
-                    pb.BatchGetActionResult(response=response)
-                    if response
-                    else pb.BatchGetActionResult(error=error)
-                    for response, error in items
+                    pb.BatchGetActionResult(response=item)
+                    if isinstance(item, pb.GetActionResponse)
+                    else pb.BatchGetActionResult(error=item)
+                    for item in items
                 ]
             )
 
@@ -309,3 +433,99 @@ class ActionService(pb_grpc.ActionServiceServicer):
             return pb.CloseSessionResponse()
 
         return await self._unary("CloseSession", request, context, handle)
+
+    async def UpdateModel(
+        self, request: pb.UpdateModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateModelResponse:
+        async def handle() -> pb.UpdateModelResponse:
+            if isinstance(request, Malformed):
+                raise request.error
+            assert self.updater is not None
+            runner = self.sessions.runner(request.model)
+            done = await self.updater.from_source(runner, request.source, request.revision, request.tag)
+            return pb.UpdateModelResponse(**_update_reply(done))
+
+        return await self._admin_call("UpdateModel", context, handle)
+
+    async def PushWeights(
+        self, request_iterator: AsyncIterator[pb.PushWeightsRequest], context: grpc.aio.ServicerContext
+    ) -> pb.PushWeightsResponse:
+        async def handle() -> pb.PushWeightsResponse:
+            assert self.updater is not None
+            with tempfile.TemporaryDirectory(prefix="mouse-serve-upload-") as folder:
+                path = Path(folder) / "weights.safetensors"
+                runner, tag = await self._receive_upload(request_iterator, path, time.perf_counter())
+                done = await self.updater.from_upload(runner, path, tag)
+            return pb.PushWeightsResponse(**_update_reply(done))
+
+        return await self._admin_call("PushWeights", context, handle)
+
+    async def _receive_upload(
+        self, chunks: AsyncIterator[pb.PushWeightsRequest | Malformed], path: Path, started: float
+    ) -> tuple[ModelRunner, str]:
+        """Write a PushWeights upload to `path`, checking its declared size and SHA-256."""
+        header: pb.PushWeightsRequest | None = None
+        runner: ModelRunner | None = None
+        digest, size = hashlib.sha256(), 0
+        try:
+            with path.open("wb") as out:
+                async for chunk in chunks:
+                    if isinstance(chunk, Malformed):
+                        raise chunk.error
+                    if header is None:
+                        header = chunk
+                        runner = self.sessions.runner(chunk.model)
+                        _check_upload_header(chunk, runner)
+                    elif (chunk.model, chunk.total_bytes, chunk.sha256) not in (
+                        ("", 0, ""),
+                        (header.model, header.total_bytes, header.sha256),
+                    ):
+                        raise invalid("a later chunk names another model, size or sha256 than the first.")
+                    size += len(chunk.data)
+                    if size > header.total_bytes:
+                        raise invalid(
+                            f"the upload is longer than its total_bytes {header.total_bytes}.",
+                            "UPLOAD_TOO_LONG",
+                        )
+                    digest.update(chunk.data)
+                    out.write(chunk.data)
+            if header is None or runner is None:
+                raise invalid("PushWeights carried no chunk; the first one names the model, size and sha256.")
+            if size < header.total_bytes:
+                raise invalid(
+                    f"the upload is truncated: {size} of {header.total_bytes} bytes arrived.",
+                    "UPLOAD_TRUNCATED",
+                )
+            if digest.hexdigest() != header.sha256:
+                raise invalid(
+                    f"the upload's SHA-256 is {digest.hexdigest()}, not the declared {header.sha256}; it was "
+                    "corrupted on the way.",
+                    "UPLOAD_CHECKSUM_MISMATCH",
+                )
+        except ServiceError:
+            if runner is not None:  # the upload named a model: count its refusal
+                self.metrics.model_update(
+                    runner.spec.name, "refused", time.perf_counter() - started, runner.version
+                )
+            raise
+        return runner, header.tag
+
+
+def _check_upload_header(first: pb.PushWeightsRequest, runner: ModelRunner) -> None:
+    limit = upload_limit(runner)
+    if not 0 < first.total_bytes <= limit:
+        raise invalid(
+            f"total_bytes must be in [1, {limit}] for model {runner.spec.name!r}, got {first.total_bytes}.",
+            field="total_bytes",
+        )
+    if not SHA256_HEX.match(first.sha256):
+        raise invalid(f"sha256 must be 64 lower-case hex digits, got {first.sha256!r}.", field="sha256")
+
+
+def _update_reply(done: UpdateOutcome) -> dict[str, object]:
+    return {
+        "model": done.model,
+        "model_version": done.version,
+        "model_tag": done.tag,
+        "seconds": done.seconds,
+    }

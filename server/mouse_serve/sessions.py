@@ -1,8 +1,11 @@
 """Sessions: one per environment stream, bound to a model and a KV-cache slot.
 
 A session applies its requests strictly in order (an asyncio lock held from the sequence-number
-check until the result is recorded), answers a retried sequence number from its last reply, keeps
-its recent steps for re-prefilling at the context limit, and expires when idle.
+check until the result is recorded). Beside its last reply it keeps a digest of the request
+that produced it, so a retry of that request (same seq, same content) gets the same reply
+without touching the cache, and the same seq with other content is refused. It keeps its
+recent steps for re-prefilling at the context limit and after a failed forward, and expires
+when idle. Every status the server answers for a request means the request was not applied.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ import math
 import re
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import IntEnum
 
 import numpy as np
 
+from mouse_core import CacheFullError
 from mouse_serve.errors import (
     ServiceError,
     already_exists,
@@ -33,14 +38,17 @@ from mouse_serve.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 SESSION_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+GONE_REMEMBERED = 65536  # closed/expired session ids remembered, to say why they are gone
 
 
 def check_sampling(temperature: float | None, num_actions: int | None, max_num_actions: int) -> None:
     """INVALID_ARGUMENT unless the sampling settings are usable (None = keep the default)."""
     if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
-        raise invalid(f"temperature must be a finite number >= 0, got {temperature}.")
+        raise invalid(f"temperature must be a finite number >= 0, got {temperature}.", field="temperature")
     if num_actions is not None and not 1 <= num_actions <= max_num_actions:
-        raise invalid(f"num_actions must be in [1, {max_num_actions}], got {num_actions}.")
+        raise invalid(
+            f"num_actions must be in [1, {max_num_actions}], got {num_actions}.", field="num_actions"
+        )
 
 
 class ContextPolicy(IntEnum):
@@ -50,6 +58,15 @@ class ContextPolicy(IntEnum):
     SLIDING = 1
     RESET = 2
     REJECT = 3
+
+
+class UpdatePolicy(IntEnum):
+    """Mirrors mouse.action.v1.UpdatePolicy: what a session's cache does after a weight update."""
+
+    UNSPECIFIED = 0
+    REFILL = 1
+    KEEP = 2
+    RESET = 3
 
 
 class StepHistory:
@@ -96,6 +113,8 @@ class ActionResult:
     scores: np.ndarray | None
     context_steps: int
     context_truncated: bool
+    model_version: int
+    model_tag: str
 
 
 @dataclass
@@ -110,11 +129,17 @@ class Session:
     policy: ContextPolicy
     max_context_steps: int
     history: StepHistory
+    on_update: UpdatePolicy = UpdatePolicy.REFILL
+    cache_version: int = 0  # oldest model version whose K/V the cache holds (0: empty)
+    start_seq: int = 0
     last_seq: int = 0
+    last_digest: bytes = b""  # of the request that produced last_reply
     last_reply: ActionResult | None = None
     context_steps: int = 0  # steps in the KV cache
+    empty_slot: bool = True  # the next forward must empty the slot first (new, reset, resync)
     resync: bool = False  # the cache may disagree with the history: re-prefill on next step
     closed: bool = False
+    in_flight: int = 0  # requests applying or waiting for the lock
     last_used: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -130,6 +155,8 @@ class SessionSettings:
     policy: int = ContextPolicy.UNSPECIFIED
     max_context_steps: int | None = None
     session_id: str = ""
+    start_seq: int = 0
+    on_update: int = UpdatePolicy.UNSPECIFIED
 
 
 class SessionManager:
@@ -142,28 +169,43 @@ class SessionManager:
         *,
         default_policy: ContextPolicy,
         idle_timeout_s: float,
+        default_on_update: UpdatePolicy = UpdatePolicy.REFILL,
         max_sessions_per_owner: int = 0,
+        max_pending_per_session: int = 4,
         metrics: Metrics | None = None,
     ) -> None:
         self.runners = runners
         self.schedulers = schedulers
         self.default_policy = default_policy
+        self.default_on_update = default_on_update
         self.idle_timeout_s = idle_timeout_s
         self.max_sessions_per_owner = max_sessions_per_owner
+        self.max_pending_per_session = max_pending_per_session
         self._sessions: dict[str, Session] = {}
+        self._gone: OrderedDict[str, str] = OrderedDict()  # id -> "closed" | "expired"
+        self._counts = dict.fromkeys(runners, 0)
         self.metrics = metrics or Metrics()
 
     def __len__(self) -> int:
         return len(self._sessions)
 
     def count(self, model: str) -> int:
-        return sum(1 for s in self._sessions.values() if s.model == model)
+        return self._counts.get(model, 0)
 
     def runner(self, model: str) -> ModelRunner:
         name = model or "default"
         if name not in self.runners:
-            raise not_found(f"model {name!r} is not served here; available: {sorted(self.runners)}.")
+            raise not_found(
+                f"model {name!r} is not served here; available: {sorted(self.runners)}.",
+                "MODEL_NOT_FOUND",
+                model=name,
+            )
         return self.runners[name]
+
+    def _count(self, model: str, delta: int) -> None:
+        self._counts[model] += delta
+        count = self._counts[model]
+        self.metrics.sessions_changed(model, count, count * self.runners[model].pool.bytes_per_slot)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def open(self, settings: SessionSettings, owner: str | None) -> Session:
@@ -173,32 +215,54 @@ class SessionManager:
         limit = runner.max_context_steps
         if settings.max_context_steps is not None and not 1 <= settings.max_context_steps <= limit:
             raise invalid(
-                f"max_context_steps must be in [1, {limit}] for model {runner.spec.name!r}, got {settings.max_context_steps}."
+                f"max_context_steps must be in [1, {limit}] for model {runner.spec.name!r}, "
+                f"got {settings.max_context_steps}.",
+                field="max_context_steps",
             )
         if settings.policy not in ContextPolicy._value2member_map_:
-            raise invalid(f"context_policy {settings.policy} is unknown; expected 0-3 (see ContextPolicy).")
+            raise invalid(
+                f"context_policy {settings.policy} is unknown; expected 0-3 (see ContextPolicy).",
+                field="context_policy",
+            )
+        if settings.on_update not in UpdatePolicy._value2member_map_:
+            raise invalid(
+                f"on_update {settings.on_update} is unknown; expected 0-3 (see UpdatePolicy).",
+                field="on_update",
+            )
         session_id = settings.session_id or secrets.token_urlsafe(16)
         if not SESSION_ID.match(session_id):
             raise invalid(
-                f"session_id {session_id!r} is malformed; expected 1-128 characters of [A-Za-z0-9._-]."
+                f"session_id {session_id!r} is malformed; expected 1-128 characters of [A-Za-z0-9._-].",
+                field="session_id",
             )
         if session_id in self._sessions:
-            raise already_exists(f"session_id {session_id!r} is already in use; propose another.")
+            raise already_exists(
+                f"session_id {session_id!r} is already in use; propose another.",
+                "SESSION_ID_IN_USE",
+                session_id=session_id,
+            )
         if self.max_sessions_per_owner and owner is not None:
             owned = sum(1 for s in self._sessions.values() if s.owner == owner)
             if owned >= self.max_sessions_per_owner:
                 raise exhausted(
-                    f"this token already holds {owned} sessions (limit {self.max_sessions_per_owner}); close some first."
+                    f"this token already holds {owned} sessions (limit {self.max_sessions_per_owner}); "
+                    "close some first.",
+                    "TOKEN_SESSION_LIMIT",
                 )
-        if runner.pool.num_free == 0:
+        scheduler = self.schedulers[runner.spec.name]
+        try:
+            slot = scheduler.allocate_slot()
+        except CacheFullError:
             raise exhausted(
                 f"all {runner.pool.num_slots} sessions of model {runner.spec.name!r} are in use; "
-                "close idle sessions, wait for them to expire or raise --max-sessions."
-            )
+                "close idle sessions, wait for them to expire or raise --max-sessions.",
+                "POOL_FULL",
+                model=runner.spec.name,
+            ) from None
         session = Session(
             id=session_id,
             model=runner.spec.name,
-            slot=runner.pool.allocate(),
+            slot=slot,
             owner=owner,
             seed=settings.seed if settings.seed is not None else secrets.randbits(63),
             temperature=1.0 if settings.temperature is None else float(settings.temperature),
@@ -206,27 +270,55 @@ class SessionManager:
             policy=ContextPolicy(settings.policy) or self.default_policy,
             max_context_steps=settings.max_context_steps or limit,
             history=StepHistory(settings.max_context_steps or limit),
+            on_update=UpdatePolicy(settings.on_update) or self.default_on_update,
+            start_seq=settings.start_seq,
+            last_seq=settings.start_seq,
         )
         self._sessions[session_id] = session
+        self._gone.pop(session_id, None)
+        self._count(session.model, +1)
         self.metrics.session_event("opened", session.model)
         return session
 
     def get(self, session_id: str, owner: str | None) -> Session:
         session = self._sessions.get(session_id)
-        if session is None or session.closed:
+        if session is None:
             if not session_id:
-                raise invalid("session_id is empty; open a session first.")
-            raise not_found(
-                f"session {session_id!r} does not exist (closed, expired or never opened); open a new one."
-            )
+                raise invalid("session_id is empty; open a session first.", field="session_id")
+            raise self._gone_error(session_id)
         if session.owner != owner:
-            raise permission_denied(f"session {session_id!r} belongs to another token.")
+            raise permission_denied(
+                f"session {session_id!r} belongs to another token.", session_id=session_id
+            )
         return session
+
+    def _gone_error(self, session_id: str) -> ServiceError:
+        how = self._gone.get(session_id)
+        if how == "closed":
+            return not_found(
+                f"session {session_id!r} was closed; open a new one.", "SESSION_CLOSED", session_id=session_id
+            )
+        if how == "expired":
+            return not_found(
+                f"session {session_id!r} expired after {self.idle_timeout_s:g}s idle; open a new one.",
+                "SESSION_EXPIRED",
+                session_id=session_id,
+            )
+        return not_found(
+            f"session {session_id!r} does not exist (never opened here, or the server restarted); "
+            "open a new one.",
+            "SESSION_NOT_FOUND",
+            session_id=session_id,
+        )
 
     def _drop(self, session: Session, event: str) -> None:
         session.closed = True
         self._sessions.pop(session.id, None)
-        self.runners[session.model].pool.free(session.slot)
+        self._gone[session.id] = event
+        while len(self._gone) > GONE_REMEMBERED:
+            self._gone.popitem(last=False)
+        self.schedulers[session.model].free_slot(session.slot)
+        self._count(session.model, -1)
         self.metrics.session_event(event, session.model)
 
     async def close(self, session: Session) -> None:
@@ -235,22 +327,25 @@ class SessionManager:
                 self._drop(session, "closed")
 
     async def reset(self, session: Session) -> None:
+        """Start the session's context over; the slot is emptied by its next forward."""
         async with session.lock:
             if session.closed:
-                raise not_found(f"session {session.id!r} was closed.")
-            self.runners[session.model].pool.reset(session.slot)
-            session.history.clear()
-            session.context_steps = 0
-            session.resync = False
+                raise self._gone_error(session.id)
+            self._clear_context(session)
             session.last_used = time.monotonic()
+
+    @staticmethod
+    def _clear_context(session: Session) -> None:
+        session.history.clear()
+        session.context_steps = 0
+        session.empty_slot = True
+        session.resync = False
 
     def expire_idle(self, now: float | None = None) -> int:
         """Close sessions idle for longer than the timeout; returns how many."""
         now = time.monotonic() if now is None else now
         idle = [
-            s
-            for s in self._sessions.values()
-            if now - s.last_used > self.idle_timeout_s and not s.lock.locked()
+            s for s in self._sessions.values() if now - s.last_used > self.idle_timeout_s and s.in_flight == 0
         ]
         for session in idle:
             self._drop(session, "expired")
@@ -263,6 +358,7 @@ class SessionManager:
         self,
         session: Session,
         seq: int,
+        digest: bytes,
         steps: dict[str, np.ndarray],
         num_steps: int,
         *,
@@ -270,56 +366,107 @@ class SessionManager:
         num_actions: int | None,
         want_scores: bool,
         deadline: float | None = None,
+        bounded: bool = True,
     ) -> ActionResult:
-        """Apply `steps` to the session in order and return the action for the last one."""
-        check_sampling(temperature, num_actions, self.runners[session.model].model.max_num_actions)
-        async with session.lock:
-            if session.closed:
-                raise not_found(f"session {session.id!r} was closed.")
-            session.last_used = time.monotonic()
-            if seq == 0:
-                seq = session.last_seq + 1
-            elif seq == session.last_seq and session.last_reply is not None:
-                return session.last_reply  # a retry: same reply, cache untouched
-            elif seq <= session.last_seq:
-                raise failed_precondition(
-                    f"seq {seq} was already applied; the session is at seq {session.last_seq} and only "
-                    "the last one can be retried."
-                )
-            elif seq != session.last_seq + 1:
-                raise failed_precondition(
-                    f"seq {seq} skips ahead: the session is at seq {session.last_seq}; send seq {session.last_seq + 1}."
-                )
+        """Apply `steps` to the session in order and return the action for the last one.
 
-            window, total, reset, truncated = self._window(session, steps, num_steps)
-            item = WorkItem(
-                slot=session.slot,
-                steps=window,
-                num_steps=total,
-                reset=reset,
-                temperature=session.temperature if temperature is None else float(temperature),
-                num_actions=num_actions or session.num_actions,
-                seed=session.seed,
-                seq=seq,
-                want_scores=want_scores,
+        `digest` identifies the request's content (steps and reply options): a retry of the last
+        applied seq must carry the same one. With `bounded`, a request that would wait behind
+        more than `max_pending_per_session` others of the session is refused (a stream's
+        requests are bounded by the stream instead, which stops reading).
+        """
+        check_sampling(temperature, num_actions, self.runners[session.model].model.max_num_actions)
+        if bounded and session.in_flight > self.max_pending_per_session:
+            raise exhausted(
+                f"session {session.id!r} already has {session.in_flight} requests in flight "
+                f"(limit {self.max_pending_per_session} waiting behind the one being applied); "
+                "wait for their replies.",
+                "SESSION_QUEUE_FULL",
             )
-            scheduler = self.schedulers[session.model]
-            pending = scheduler.submit(item, deadline)
-            try:
-                result: WorkResult = await asyncio.shield(pending)
-            except asyncio.CancelledError:
-                if scheduler.cancel(pending):
-                    raise  # still queued: nothing was applied
-                # Already computing: record the outcome so a retry of this seq gets its reply.
-                result = await self._finish(session, pending)
-                self._record(session, seq, steps, num_steps, item, result, truncated)
-                raise
-            except ServiceError:
-                raise  # refused before it ran (e.g. deadline): nothing was applied
-            except Exception:
-                session.resync = True  # the cache may hold part of it: rebuild from history next time
-                raise
-            return self._record(session, seq, steps, num_steps, item, result, truncated)
+        session.in_flight += 1
+        try:
+            async with session.lock:
+                return await self._step_locked(
+                    session, seq, digest, steps, num_steps, temperature, num_actions, want_scores, deadline
+                )
+        finally:
+            session.in_flight -= 1
+            session.last_used = time.monotonic()
+
+    async def _step_locked(
+        self,
+        session: Session,
+        seq: int,
+        digest: bytes,
+        steps: dict[str, np.ndarray],
+        num_steps: int,
+        temperature: float | None,
+        num_actions: int | None,
+        want_scores: bool,
+        deadline: float | None,
+    ) -> ActionResult:
+        if session.closed:
+            raise self._gone_error(session.id)
+        last = session.last_seq
+        if seq == 0:
+            seq = last + 1
+        elif seq == last and session.last_reply is not None:
+            if digest == session.last_digest:
+                return session.last_reply  # a retry: same reply, cache untouched
+            raise failed_precondition(
+                f"seq {seq} was already applied with other steps or options; a retry must repeat the "
+                f"request unchanged, a new request must carry seq {last + 1}.",
+                "SEQ_CONTENT_MISMATCH",
+                last_seq=last,
+            )
+        elif seq <= last:
+            raise failed_precondition(
+                f"seq {seq} was already applied; the session is at seq {last} and only the last one "
+                "can be retried.",
+                "SEQ_ALREADY_APPLIED",
+                last_seq=last,
+            )
+        elif seq != last + 1:
+            raise failed_precondition(
+                f"seq {seq} skips ahead: the session is at seq {last}; send seq {last + 1}.",
+                "SEQ_GAP",
+                last_seq=last,
+            )
+
+        runner = self.runners[session.model]
+        stale = session.context_steps > 0 and session.cache_version < runner.version
+        if stale and session.on_update == UpdatePolicy.RESET:
+            self._clear_context(session)
+        rebuild = session.resync or (stale and session.on_update == UpdatePolicy.REFILL)
+        window, total, reset, truncated = self._window(session, steps, num_steps, rebuild)
+        item = WorkItem(
+            slot=session.slot,
+            steps=window,
+            num_steps=total,
+            reset=reset,
+            temperature=session.temperature if temperature is None else float(temperature),
+            num_actions=num_actions or session.num_actions,
+            seed=session.seed,
+            seq=seq,
+            want_scores=want_scores,
+        )
+        scheduler = self.schedulers[session.model]
+        pending = scheduler.submit(item, deadline)
+        try:
+            result: WorkResult = await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            if scheduler.cancel(pending):
+                raise  # still queued: nothing was applied
+            # Already computing: record the outcome so a retry of this seq gets its reply.
+            result = await self._finish(session, pending)
+            self._record(session, seq, digest, steps, num_steps, item, result, truncated)
+            raise
+        except ServiceError:
+            raise  # refused before it ran (e.g. deadline): nothing was applied
+        except Exception:
+            session.resync = True  # the cache may hold part of it: rebuild from history next time
+            raise
+        return self._record(session, seq, digest, steps, num_steps, item, result, truncated)
 
     @staticmethod
     async def _finish(session: Session, pending: asyncio.Future[WorkResult]) -> WorkResult:
@@ -333,6 +480,7 @@ class SessionManager:
     def _record(
         session: Session,
         seq: int,
+        digest: bytes,
         steps: dict[str, np.ndarray],
         num_steps: int,
         item: WorkItem,
@@ -340,44 +488,55 @@ class SessionManager:
         truncated: bool,
     ) -> ActionResult:
         session.history.append(steps, num_steps)
-        session.context_steps = item.num_steps if item.reset else session.context_steps + num_steps
-        session.resync = False
+        if item.reset:
+            session.context_steps = item.num_steps
+            session.cache_version = result.oldest_version or result.model_version
+        else:
+            session.context_steps += num_steps
+            session.cache_version = min(session.cache_version, result.oldest_version or result.model_version)
+        session.resync = session.empty_slot = False
         session.last_seq = seq
+        session.last_digest = digest
         session.last_reply = ActionResult(
-            session.id, seq, result.action, result.scores, session.context_steps, truncated
+            session.id,
+            seq,
+            result.action,
+            result.scores,
+            session.context_steps,
+            truncated,
+            result.model_version,
+            result.model_tag,
         )
-        session.last_used = time.monotonic()
         return session.last_reply
 
     def _window(
-        self, session: Session, steps: dict[str, np.ndarray], n: int
+        self, session: Session, steps: dict[str, np.ndarray], n: int, rebuild: bool
     ) -> tuple[dict[str, np.ndarray], int, bool, bool]:
-        """The steps to feed for `n` new ones: (steps, count, reset first, context truncated).
+        """The steps to feed for `n` new ones: (steps, count, empty the slot first, truncated).
 
-        At the context limit the history is re-prefilled per the session's policy; after a
-        failed forward (`resync`) the kept history is replayed in front of the new steps.
+        `rebuild` re-prefills the session's context from its kept history in front of the new
+        steps (after a failed forward, or to refill the cache with updated weights). At the
+        context limit the history is re-prefilled per the session's context policy.
         """
         limit = session.max_context_steps
-        prefix = 0
-        truncated = False
-        if session.resync:
-            prefix = min(len(session.history), max(limit - n, 0))
-        elif session.context_steps + n > limit:
-            truncated = True
+        kept = session.context_steps if rebuild else 0  # context steps replayed from the history
+        truncated = session.context_steps + n > limit
+        if truncated:
             if session.policy == ContextPolicy.REJECT:
                 raise failed_precondition(
                     f"session {session.id!r} holds {session.context_steps} of {limit} context steps and "
-                    f"cannot take {n} more (policy REJECT); call ResetSession or open it with another policy."
+                    f"cannot take {n} more (policy REJECT); call ResetSession or open it with another policy.",
+                    "CONTEXT_FULL",
+                    last_seq=session.last_seq,
                 )
-            if session.policy == ContextPolicy.SLIDING:
-                prefix = min(len(session.history), max(limit // 2 - n, 0))
-        if truncated:
+            kept = max(limit // 2 - n, 0) if session.policy == ContextPolicy.SLIDING else 0
             self.metrics.context_eviction(session.model, session.policy.name.lower())
-        reset = session.resync or truncated
-        if prefix:
-            old = session.history.recent(prefix)
+        kept = min(kept, len(session.history))
+        reset = rebuild or truncated or session.empty_slot
+        if kept:
+            old = session.history.recent(kept)
             steps = {k: np.concatenate([old[k], v]) for k, v in steps.items()}
-        total = prefix + n
+        total = kept + n
         if total > limit:  # a prefill longer than the context keeps its most recent steps
             steps = {k: v[total - limit :] for k, v in steps.items()}
             total, reset, truncated = limit, True, True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,25 +19,95 @@ from tests.server_process import REPO, ServerProcess, run_cli
 CASE = next(c for c in golden_cases() if c.name == "llama_gqa_long")
 
 
+MODEL = str(CASE.checkpoint)
+
+
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "env", "message"),
     [
-        ([], "at least one --model is required"),
-        (["--model", "a=x", "--model", "a=y"], "model names must be unique"),
-        (["--model", "bad name=x"], "model name 'bad name' must match"),
-        (["--model", "x", "--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N"),
-        (["--model", "x", "--dtype", "float64"], "--dtype must be auto, float32, bfloat16 or float16"),
-        (["--model", "x", "--max-sessions", "0"], "--max-sessions must be >= 1"),
-        (["--model", "x", "--tls-cert", "c.pem"], "--tls-cert and --tls-key go together"),
-        (["--model", "x", "--context-policy", "drop"], "invalid choice: 'drop'"),
-        (["--model", "x", "--max-batch-wait-ms", "-1"], "--max-batch-wait-ms must be >= 0"),
-        (["--model", "x", "--threads", "-2"], "--threads must be >= 0"),
+        ([], {}, "--model is required (or MOUSE_SERVE_MODEL)"),
+        (["--model", f"a={MODEL}", "--model", f"a={MODEL}"], {}, "model names must be unique"),
+        (["--model", f"bad name={MODEL}"], {}, "model name 'bad name' must match"),
+        (["--model", MODEL, "--device", "gpu"], {}, "--device: 'gpu' is not one of auto, cpu, cuda, cuda:N"),
+        (["--model", MODEL, "--dtype", "float64"], {}, "--dtype: 'float64' is not one of auto, float32"),
+        (["--model", MODEL, "--max-sessions", "0"], {}, "--max-sessions: 0 is below the minimum 1"),
+        (["--model", MODEL, "--max-sessions", "2.5"], {}, "--max-sessions: '2.5' is not an integer"),
+        (
+            ["--model", MODEL, "--tls-cert", MODEL + "/config.json"],
+            {},
+            "--tls-cert and --tls-key go together",
+        ),
+        (["--model", MODEL, "--context-policy", "drop"], {}, "--context-policy: 'drop' is not one of"),
+        (
+            ["--model", MODEL, "--max-batch-wait-ms", "-1"],
+            {},
+            "--max-batch-wait-ms: -1 is below the minimum 0",
+        ),
+        (["--model", MODEL, "--threads", "-2"], {}, "--threads: -2 is below the minimum 0"),
+        # type, range, choice and path errors from the environment pass the same checks
+        (["--model", MODEL], {"MOUSE_SERVE_PORT": "abc"}, "MOUSE_SERVE_PORT: 'abc' is not an integer"),
+        (
+            ["--model", MODEL],
+            {"MOUSE_SERVE_IDLE_TIMEOUT": "nan"},
+            "MOUSE_SERVE_IDLE_TIMEOUT: 'nan' is not a finite",
+        ),
+        (
+            ["--model", MODEL],
+            {"MOUSE_SERVE_CONTEXT_POLICY": "bogus"},
+            "MOUSE_SERVE_CONTEXT_POLICY: 'bogus' is not one of sliding, reset, reject",
+        ),
+        (
+            ["--model", MODEL],
+            {"MOUSE_SERVE_DECODE_GRAPHS": "maybe"},
+            "MOUSE_SERVE_DECODE_GRAPHS: 'maybe' is not one of auto, on, off",
+        ),
+        (["--model", MODEL], {"MOUSE_SERVE_TOKEN_FILE": "/no/such/file"}, "there is no file /no/such/file"),
+        (
+            [],
+            {"MOUSE_SERVE_MODEL": "./no/such/dir"},
+            "MOUSE_SERVE_MODEL: './no/such/dir': there is no folder",
+        ),
+        (["--model", MODEL, "--port", "70000"], {}, "--port: 70000 is above the maximum 65535"),
+        (["--model", MODEL, "--max-message-bytes", "3000000000"], {}, "is above the maximum 2147483647"),
+        (["--model", "~/no-such-checkpoint"], {}, "there is no folder ~/no-such-checkpoint"),
+        (["--model", MODEL, "--metrics-port", "50051"], {}, "--metrics-port 50051 is the gRPC port too"),
     ],
 )
-def test_argument_errors(args: list[str], message: str) -> None:
-    result = run_cli(args)
-    assert result.returncode == 2
+def test_invalid_settings_are_one_line_errors_before_any_model_loads(
+    args: list[str], env: dict[str, str], message: str
+) -> None:
+    result = run_cli(args, env=env)
+    assert result.returncode == 2, result.stderr
     assert message in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "Traceback" not in result.stderr
+    assert "loaded model" not in result.stderr
+
+
+def test_busy_port_is_an_error_before_the_model_loads() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli(["--model", MODEL, "--port", str(port)])
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "loaded model" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_version_and_help() -> None:
+    result = run_cli(["--version"])
+    assert result.returncode == 0 and result.stdout.startswith("mouse-serve ")
+    usage = run_cli(["--help"]).stdout
+    assert usage.startswith("usage: mouse-serve --model [NAME=]PATH_OR_REPO")
+    assert "default: 16777216 (16 MiB)" in " ".join(usage.split())
+
+
+def test_readme_settings_table_is_generated_from_the_config() -> None:
+    from mouse_serve.config import markdown_table
+
+    readme = (REPO / "README.md").read_text()
+    assert markdown_table() in readme, "run: python scripts/gen_docs.py"
 
 
 SCRIPT = Path(sys.executable).parent / "mouse-serve"
@@ -55,6 +126,10 @@ def test_help_lists_environment_variables() -> None:
         (
             ["--model", "no/such-repo"],
             "'no/such-repo' is not a local folder and could not be loaded from the Hugging Face Hub",
+        ),
+        (
+            ["--model", "default=" + MODEL, "--model", "other=" + MODEL, "--device", "cuda:0"],
+            "CUDA is not available",
         ),
         (["--model", str(CASE.checkpoint), "--device", "cuda:0"], "CUDA is not available"),
     ],

@@ -101,6 +101,10 @@ def test_health_reports_not_serving_while_draining(slow_checkpoint: Path) -> Non
         assert server.proc is not None
         server.proc.send_signal(signal.SIGTERM)
         assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        # while the request in flight completes, health still answers, and says NOT_SERVING
+        status = health.Check(health_pb2.HealthCheckRequest(service="mouse.action.v1.ActionService"))
+        assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert worker.is_alive()
         worker.join(timeout=60)
     assert server.proc.wait(timeout=60) == 0
 
@@ -115,13 +119,15 @@ def test_expired_deadline_is_not_applied(slow_checkpoint: Path) -> None:
         time.sleep(0.3)
         session = client.open_session(recover=False)
         req = pb.GetActionRequest(session_id=session.id, seq=1, steps=encode_steps(slow_steps(1)))
+        stub = client.stub(session.id)
         with pytest.raises(grpc.RpcError) as info:
-            client.stub(session.id).GetAction(req, timeout=0.05)
+            stub.GetAction(req, timeout=0.005)  # shorter than one chunk of the prefill
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert worker.is_alive()  # the model really was busy with the long prefill
         worker.join(timeout=60)
-        reply = session.get_reply(slow_steps(1))  # seq 1 again: it was never applied
+        reply = stub.GetAction(req)  # seq 1 again, same content: applied now, and only now
         assert reply.seq == 1 and reply.context_steps == 1
+        assert stub.GetAction(req).context_steps == 1  # a retry: the cached reply
 
 
 def test_kill_9_and_restart_loses_and_repeats_nothing() -> None:

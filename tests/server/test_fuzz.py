@@ -23,12 +23,14 @@ from tests.server_process import ServerProcess
 
 CASES = {c.name: c for c in golden_cases()}
 CANARY = CASES["llama_gqa_long"]
-EXAMPLES = 500  # per test; 7 tests -> 3,500 cases per run
+EXAMPLES = 500  # per test; 7 tests -> 3,500 cases per run, plus 2 x 200 for the update RPCs
 FORBIDDEN = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 FUZZ = settings(
     max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False
 )
+UPDATE_FUZZ = settings(FUZZ, max_examples=200)
 SERVICE = "/mouse.action.v1.ActionService/"
+ADMIN = (("authorization", "Bearer fuzz-admin"),)
 
 
 class Canary:
@@ -65,8 +67,11 @@ class Canary:
 
 
 @pytest.fixture(scope="module")
-def fuzz_server() -> Iterator[ServerProcess]:
+def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    admin = tmp_path_factory.mktemp("fuzz") / "admin.txt"
+    admin.write_text("fuzz-admin\n")
     args = ["--max-sessions", "48", "--idle-timeout", "3", "--max-steps-per-request", "64"]
+    args += ["--admin-token-file", str(admin)]
     for case in CASES.values():
         args += ["--model", f"{case.name}={case.checkpoint}"]
     with ServerProcess(*args) as server:
@@ -154,6 +159,9 @@ def open_requests(draw: st.DrawFn) -> pb.OpenSessionRequest:
         req.num_actions = draw(int32s)
     if draw(st.booleans()):
         req.max_context_steps = draw(st.integers(0, 2**32 - 1))
+    if draw(st.booleans()):
+        req.start_seq = draw(st.integers(0, 2**64 - 1))
+    req.on_update = draw(st.integers(-5, 10))
     return req
 
 
@@ -205,6 +213,33 @@ def test_fuzz_model_info(stub: pb_grpc.ActionServiceStub, model: str) -> None:
     expect_handled(lambda: stub.ListModels(pb.ListModelsRequest(), timeout=30))
 
 
+@UPDATE_FUZZ
+@given(model=texts, source=texts, revision=texts, tag=texts, admin=st.booleans())
+def test_fuzz_update_model(
+    stub: pb_grpc.ActionServiceStub, model: str, source: str, revision: str, tag: str, admin: bool
+) -> None:
+    req = pb.UpdateModelRequest(model=model, source=source, revision=revision, tag=tag)
+    expect_handled(lambda: stub.UpdateModel(req, metadata=ADMIN if admin else (), timeout=30))
+
+
+@UPDATE_FUZZ
+@given(
+    chunks=st.lists(
+        st.builds(
+            pb.PushWeightsRequest,
+            model=texts,
+            tag=texts,
+            total_bytes=st.one_of(st.integers(0, 300), st.integers(0, 2**64 - 1)),
+            sha256=st.one_of(st.text(max_size=70), st.text("0123456789abcdef", min_size=64, max_size=64)),
+            data=st.binary(max_size=200),
+        ),
+        max_size=4,
+    )
+)
+def test_fuzz_push_weights(stub: pb_grpc.ActionServiceStub, chunks: list[pb.PushWeightsRequest]) -> None:
+    expect_handled(lambda: stub.PushWeights(iter(chunks), metadata=ADMIN, timeout=30))
+
+
 METHODS = [
     "ListModels",
     "GetModelInfo",
@@ -213,6 +248,7 @@ METHODS = [
     "BatchGetAction",
     "ResetSession",
     "CloseSession",
+    "UpdateModel",
 ]
 
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import socket
+import threading
 import urllib.request
 from collections.abc import Iterator
 
+import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mouse_client import ActionClient, ActionError
+from mouse_client import ActionClient, ActionError, encode_steps
+from mouse_client.v1 import action_service_pb2 as pb
+from mouse_client.v1 import action_service_pb2_grpc as pb_grpc
 from tests.helpers import golden_cases
 from tests.server_process import ServerProcess
 
@@ -94,3 +98,34 @@ def test_metrics_move_with_traffic(server: ServerProcess) -> None:
         assert value(after, "mouse_active_sessions", model="default") == 2
         assert value(after, "mouse_session_events_total", model="default", event="closed") == 1
         group.close()
+
+
+def test_scrapes_never_fail_while_sessions_come_and_go(server: ServerProcess) -> None:
+    """Metrics are pushed from the event loop; the HTTP thread never walks live server state."""
+    stop = threading.Event()
+    scrapes: list[int] = []
+    errors: list[Exception] = []
+
+    def scraper() -> None:
+        while not stop.is_set():
+            try:
+                scrape(server)
+                scrapes.append(1)
+            except Exception as exc:  # an HTTP 500 from a failed collection
+                errors.append(exc)
+
+    thread = threading.Thread(target=scraper)
+    thread.start()
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.ActionServiceStub(channel)
+            steps = encode_steps(CASE.step_record(0, 0))
+            for _ in range(150):
+                sid = stub.OpenSession(pb.OpenSessionRequest()).session_id
+                stub.GetAction(pb.GetActionRequest(session_id=sid, seq=1, steps=steps))
+                stub.CloseSession(pb.CloseSessionRequest(session_id=sid))
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors and len(scrapes) > 20
+    assert value(scrape(server), "mouse_active_sessions", model="default") == 0

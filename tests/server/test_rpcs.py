@@ -111,7 +111,7 @@ def test_reset_clears_history_and_keeps_settings(client: ActionClient) -> None:
 def test_close_frees_the_session(client: ActionClient) -> None:
     session = client.open_session(LLAMA.name, recover=False)
     session.close()
-    with pytest.raises(ActionError, match="NOT_FOUND: session .* does not exist"):
+    with pytest.raises(ActionError, match="NOT_FOUND: session .* was closed"):
         session.get_action(LLAMA.step_record(0, 0))
     session.close()  # closing twice is harmless
 

@@ -42,7 +42,7 @@ def test_waits_for_stragglers_then_runs_one_batch(runner: ModelRunner) -> None:
             runner, max_batch_tokens=4096, max_batch_wait_s=wait_s, on_batch=lambda b: sizes.append(b.size)
         )
         scheduler.start()
-        slots = [runner.pool.allocate() for _ in range(4)]
+        slots = [scheduler.allocate_slot() for _ in range(4)]
         try:
             for _ in range(2):  # two quick rounds: every session's turnaround is ~0
                 await asyncio.gather(*(scheduler.submit(item(runner, s)) for s in slots))
@@ -53,7 +53,7 @@ def test_waits_for_stragglers_then_runs_one_batch(runner: ModelRunner) -> None:
             await asyncio.gather(*first, *rest)
         finally:
             for s in slots:
-                runner.pool.free(s)
+                scheduler.free_slot(s)
             await scheduler.stop()
         return sizes[2:]
 
@@ -62,33 +62,84 @@ def test_waits_for_stragglers_then_runs_one_batch(runner: ModelRunner) -> None:
     assert run(scenario(0.05, 0.3)) == [2, 2]  # waited 50 ms at most, then went ahead
 
 
-def test_token_budget_splits_batches_and_long_prefills_run_in_chunks(runner: ModelRunner) -> None:
+def test_token_budget_splits_batches(runner: ModelRunner) -> None:
     async def scenario() -> list[BatchStats]:
         stats: list[BatchStats] = []
         tps = runner.model.tokens_per_step
-        scheduler = Scheduler(runner, max_batch_tokens=2 * 2 * tps, on_batch=stats.append)
-        slots = [runner.pool.allocate() for _ in range(5)]
-        futures = [scheduler.submit(item(runner, s, steps=10)) for s in slots]  # each: chunks of 4, 4, then 2
+        scheduler = Scheduler(runner, max_batch_tokens=2 * tps, on_batch=stats.append)
+        slots = [scheduler.allocate_slot() for _ in range(5)]
+        futures = [scheduler.submit(item(runner, s)) for s in slots]
         scheduler.start()
         try:
-            results = await asyncio.gather(*futures)
+            await asyncio.gather(*futures)
         finally:
+            for s in slots:
+                scheduler.free_slot(s)
             await scheduler.stop()
-        for s in slots:
-            assert runner.pool.lengths[s] == 10 * tps
-            runner.pool.free(s)
-        assert all(0 <= r.action < runner.model.max_num_actions for r in results)
         return stats
 
-    stats = run(scenario())
-    # each item's last chunk (2 steps) is batched; 2 items x 2 steps fill the budget
-    assert [b.size for b in stats] == [2, 2, 1]
+    assert [b.size for b in run(scenario())] == [2, 2, 1]
+
+
+def test_long_prefills_advance_chunk_by_chunk_between_decode_steps(runner: ModelRunner) -> None:
+    """Prefills run in chunks of `prefill_chunk_steps` (4 here), batched together; a decode step
+    that arrives meanwhile runs between two chunks instead of waiting for the whole prefill."""
+
+    async def scenario() -> tuple[list[BatchStats], list[str]]:
+        stats: list[BatchStats] = []
+        finished: list[str] = []
+        tps = runner.model.tokens_per_step
+        scheduler = Scheduler(runner, max_batch_tokens=4096, on_batch=stats.append)
+        slots = [scheduler.allocate_slot() for _ in range(3)]
+        prefills = [scheduler.submit(item(runner, s, steps=10)) for s in slots[:2]]
+        for name, future in zip(("prefill", "prefill"), prefills, strict=True):
+            future.add_done_callback(lambda _, name=name: finished.append(name))
+        scheduler.start()
+        try:
+            while not stats:  # the first chunk ran
+                await asyncio.sleep(0.001)
+            decode = scheduler.submit(item(runner, slots[2]))
+            decode.add_done_callback(lambda _: finished.append("decode"))
+            results = await asyncio.gather(*prefills, decode)
+            assert all(0 <= r.action < runner.model.max_num_actions for r in results)
+            assert [runner.pool.lengths[s] for s in slots] == [10 * tps, 10 * tps, tps]
+        finally:
+            for s in slots:
+                scheduler.free_slot(s)
+            await scheduler.stop()
+        return stats, finished
+
+    stats, finished = run(scenario())
+    assert finished == ["decode", "prefill", "prefill"]
+    tps = runner.model.tokens_per_step
+    kinds = ["decode" if b.size == 1 and b.tokens == tps else "prefill" for b in stats]
+    assert kinds.count("decode") == 1 and kinds[0] == "prefill" and kinds[-1] == "prefill"
+    assert all(b.tokens <= 2 * 4 * tps for b in stats)  # chunks of at most 4 steps per prefill
+    assert sum(b.tokens for b in stats) == (2 * 10 + 1) * tps
+    assert sum(b.actions for b in stats) == 3
+
+
+def test_freed_slot_forgets_its_statistics(runner: ModelRunner) -> None:
+    async def scenario() -> None:
+        scheduler = Scheduler(runner, max_batch_tokens=4096)
+        scheduler.start()
+        slot = scheduler.allocate_slot()
+        try:
+            await scheduler.submit(item(runner, slot))
+            await scheduler.submit(item(runner, slot))
+            assert slot in scheduler._turnaround and slot in scheduler._replied
+        finally:
+            scheduler.free_slot(slot)
+            await scheduler.stop()
+        assert slot not in scheduler._turnaround and slot not in scheduler._replied
+
+    run(scenario())
 
 
 def test_expired_deadline_is_refused_without_running(runner: ModelRunner) -> None:
     async def scenario() -> None:
         scheduler = Scheduler(runner, max_batch_tokens=4096)
-        slot = runner.pool.allocate()
+        slot = scheduler.allocate_slot()
         try:
             late = scheduler.submit(item(runner, slot), deadline=time.monotonic() - 1)
             scheduler.start()
@@ -96,7 +147,7 @@ def test_expired_deadline_is_refused_without_running(runner: ModelRunner) -> Non
                 await late
             assert runner.pool.lengths[slot] == 0
         finally:
-            runner.pool.free(slot)
+            scheduler.free_slot(slot)
             await scheduler.stop()
 
     run(scenario())
@@ -105,7 +156,7 @@ def test_expired_deadline_is_refused_without_running(runner: ModelRunner) -> Non
 def test_cancelled_queued_item_is_withdrawn(runner: ModelRunner) -> None:
     async def scenario() -> None:
         scheduler = Scheduler(runner, max_batch_tokens=4096)
-        slot = runner.pool.allocate()
+        slot, other = scheduler.allocate_slot(), scheduler.allocate_slot()
         try:
             pending = scheduler.submit(item(runner, slot))
             assert scheduler.cancel(pending) and pending.cancelled()
@@ -113,8 +164,37 @@ def test_cancelled_queued_item_is_withdrawn(runner: ModelRunner) -> None:
             scheduler.start()
             await asyncio.sleep(0.05)
             assert runner.pool.lengths[slot] == 0
+            # once a prefill's first chunk ran, it is applied whole: it cannot be withdrawn
+            started = scheduler.submit(item(runner, other, steps=10))
+            while runner.pool.lengths[other] == 0:
+                await asyncio.sleep(0.001)
+            assert not scheduler.cancel(started)
+            await started
+            assert runner.pool.lengths[other] == 10 * runner.model.tokens_per_step
         finally:
-            runner.pool.free(slot)
+            scheduler.free_slot(slot)
+            scheduler.free_slot(other)
             await scheduler.stop()
+
+    run(scenario())
+
+
+def test_every_model_of_a_server_runs_on_one_runner_thread() -> None:
+    """Forwards of different models never overlap, so one model's per-forward CPU thread
+    setting (`torch.set_num_threads` is process-wide) cannot change another's mid-forward."""
+    from mouse_serve.config import parse_args
+    from mouse_serve.server import Server, load_runners
+
+    config = parse_args(["--model", f"a={CASE.checkpoint}", "--model", f"b={CASE.checkpoint}"], environ={})
+    runners = load_runners(config)
+
+    async def scenario() -> None:
+        server = Server(config, runners)  # grpc.aio needs a running loop
+        try:
+            executors = {id(s._executor) for s in server.schedulers.values()}
+            assert len(server.schedulers) == 2 and executors == {id(server.executor)}
+            assert server.executor._max_workers == 1
+        finally:
+            server.executor.shutdown()
 
     run(scenario())

@@ -115,6 +115,33 @@ def test_token_file_is_reloaded(auth_server: ServerProcess, token_file: Path) ->
         assert gamma.list_models()
 
 
+def test_a_deleted_token_file_revokes_every_token(auth_server: ServerProcess, token_file: Path) -> None:
+    """Fail closed: once the file is gone no token is valid; when it is back, its tokens are."""
+    with grpc.insecure_channel(auth_server.target) as channel:
+        stub = pb_grpc.ActionServiceStub(channel)
+        alpha = (("authorization", "Bearer alpha-token"),)
+        stub.ListModels(pb.ListModelsRequest(), metadata=alpha)
+        token_file.unlink()
+
+        def refused() -> bool:
+            try:
+                stub.ListModels(pb.ListModelsRequest(), metadata=alpha)
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+                return True
+            return False
+
+        deadline = time.monotonic() + 10
+        while not refused():
+            assert time.monotonic() < deadline, "the deleted token file's tokens stayed valid"
+            time.sleep(0.2)
+        token_file.write_text("alpha-token\n")
+        while refused():
+            assert time.monotonic() < deadline + 10, "the restored token file was not read"
+            time.sleep(0.2)
+    assert "cannot read token file" in auth_server.log
+
+
 # -- TLS ----------------------------------------------------------------------------------------
 def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)

@@ -1,0 +1,383 @@
+"""Online weight updates on a real server (UpdateModel, PushWeights): each session policy gives
+exactly the scores an in-process computation says, replies carry the version that chose them,
+refused updates change nothing, and updates under traffic fail no request."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from mouse_client import encode_steps
+from mouse_client.v1 import action_service_pb2 as pb
+from mouse_client.v1 import action_service_pb2_grpc as pb_grpc
+from mouse_core import Model, load_model, save_model
+from tests.helpers import config_with, golden_cases
+from tests.server.test_metrics import free_port, scrape, value
+from tests.server_process import ServerProcess
+
+CASE = next(c for c in golden_cases() if c.name == "llama_gqa_long")
+ADMIN = (("authorization", "Bearer admin-secret"),)
+N = 10  # steps before the update
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """a: the golden checkpoint; b: the same config, other weights; wrong: another architecture."""
+    root = tmp_path_factory.mktemp("updates")
+    model = load_model(CASE.checkpoint)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    save_model(model, root / "b")
+    save_model(Model(config_with(hidden_dim=48)), root / "wrong")
+    return {"a": CASE.checkpoint, "b": root / "b", "wrong": root / "wrong"}
+
+
+@pytest.fixture(scope="module")
+def admin_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("admin") / "admin.txt"
+    path.write_text("admin-secret\n")
+    return path
+
+
+@pytest.fixture
+def server(admin_file: Path) -> Iterator[ServerProcess]:
+    """A fresh server per test: updates change the model for every later test."""
+    port = free_port()
+    args = ["--model", str(CASE.checkpoint), "--admin-token-file", str(admin_file)]
+    with ServerProcess(*args, "--metrics-port", str(port)) as proc:
+        proc.metrics_url = f"http://127.0.0.1:{port}/metrics"  # type: ignore[attr-defined]
+        yield proc
+
+
+@pytest.fixture
+def stub(server: ServerProcess) -> Iterator[pb_grpc.ActionServiceStub]:
+    with grpc.insecure_channel(server.target) as channel:
+        yield pb_grpc.ActionServiceStub(channel)
+
+
+def record(s: int) -> dict[str, object]:
+    return CASE.step_record(0, s % CASE.steps)
+
+
+def stream(first: int, last: int) -> dict[str, torch.Tensor]:
+    """Steps first..last-1 of the test's history as a [1, S] step stream."""
+    recs = [record(s) for s in range(first, last)]
+    return {k: torch.tensor([[r[k] for r in recs]]) for k in recs[0]}
+
+
+def no_cache_scores(checkpoint: Path, first: int, last: int) -> np.ndarray:
+    """The action scores of a fresh forward of `checkpoint` over steps first..last-1."""
+    model = load_model(checkpoint)
+    with torch.no_grad():
+        out, _ = model(stream(first, last))
+    return out[model.action_head][0, -1].numpy()
+
+
+def reason(err: grpc.RpcError) -> str:
+    status = rpc_status.from_call(err)
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    next(d for d in status.details if d.Is(info.DESCRIPTOR)).Unpack(info)
+    return info.reason
+
+
+def step(stub: pb_grpc.ActionServiceStub, sid: str, seq: int, s: int) -> pb.GetActionResponse:
+    req = pb.GetActionRequest(session_id=sid, seq=seq, steps=encode_steps(record(s)), return_scores=True)
+    return stub.GetAction(req)
+
+
+def open_and_feed(stub: pb_grpc.ActionServiceStub, policy: int = 0) -> str:
+    sid = stub.OpenSession(pb.OpenSessionRequest(temperature=0.0, on_update=policy)).session_id
+    for s in range(N):
+        assert step(stub, sid, s + 1, s).model_version == 1
+    return sid
+
+
+def update(stub: pb_grpc.ActionServiceStub, source: Path, tag: str) -> pb.UpdateModelResponse:
+    return stub.UpdateModel(pb.UpdateModelRequest(source=str(source), tag=tag), metadata=ADMIN)
+
+
+def push(stub: pb_grpc.ActionServiceStub, data: bytes, tag: str, **header: object) -> pb.PushWeightsResponse:
+    chunks = [data[i : i + 4096] for i in range(0, len(data), 4096)]
+    first = {"total_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), **header}
+    reqs = [pb.PushWeightsRequest(tag=tag, data=chunks[0], **first)]
+    reqs += [pb.PushWeightsRequest(data=c) for c in chunks[1:]]
+    return stub.PushWeights(iter(reqs), metadata=ADMIN)
+
+
+# -- the three session policies -------------------------------------------------------------------
+def test_refill_rebuilds_the_context_with_the_new_weights(
+    stub: pb_grpc.ActionServiceStub, checkpoints: dict[str, Path], server: ServerProcess
+) -> None:
+    sid = open_and_feed(stub, pb.UPDATE_POLICY_REFILL)
+    done = update(stub, checkpoints["b"], tag="learner-step-100")
+    assert (done.model, done.model_version, done.model_tag) == ("default", 2, "learner-step-100")
+    reply = step(stub, sid, N + 1, N)
+    assert (reply.model_version, reply.model_tag) == (2, "learner-step-100")
+    assert reply.context_steps == N + 1
+    np.testing.assert_allclose(
+        reply.scores, no_cache_scores(checkpoints["b"], 0, N + 1), rtol=1e-4, atol=1e-5
+    )
+    info = stub.GetModelInfo(pb.GetModelInfoRequest()).model
+    assert (info.model_version, info.model_tag) == (2, "learner-step-100")
+    samples = scrape(server)
+    assert value(samples, "mouse_model_version", model="default") == 2
+    assert value(samples, "mouse_model_updates_total", model="default", result="ok") == 1
+    assert "updated model 'default' to version 2" in server.log
+
+
+def test_keep_extends_the_old_cache_with_the_new_weights(
+    stub: pb_grpc.ActionServiceStub, checkpoints: dict[str, Path]
+) -> None:
+    sid = open_and_feed(stub, pb.UPDATE_POLICY_KEEP)
+    update(stub, checkpoints["b"], tag="v2")
+    reply = step(stub, sid, N + 1, N)
+    assert reply.model_version == 2 and reply.context_steps == N + 1
+    # in-process: the old weights' cache over N steps, then one step with the new weights
+    model = load_model(checkpoints["a"])
+    with torch.no_grad():
+        _, cache = model(stream(0, N), use_cache=True)
+        model.copy_weights_(load_model(checkpoints["b"]).state_dict())
+        out, _ = model(stream(N, N + 1), cache=cache, use_cache=True)
+    expected = out[model.action_head][0, -1].numpy()
+    np.testing.assert_allclose(reply.scores, expected, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(reply.scores, no_cache_scores(checkpoints["b"], 0, N + 1), rtol=1e-4, atol=1e-5)
+
+
+def test_reset_starts_the_context_over(stub: pb_grpc.ActionServiceStub, checkpoints: dict[str, Path]) -> None:
+    sid = open_and_feed(stub, pb.UPDATE_POLICY_RESET)
+    update(stub, checkpoints["b"], tag="v2")
+    reply = step(stub, sid, N + 1, N)
+    assert reply.model_version == 2 and reply.context_steps == 1
+    np.testing.assert_allclose(
+        reply.scores, no_cache_scores(checkpoints["b"], N, N + 1), rtol=1e-4, atol=1e-5
+    )
+    assert step(stub, sid, N + 2, N + 1).context_steps == 2
+
+
+def test_pushed_weights_serve_like_a_checkpoint_and_the_server_default_policy_applies(
+    admin_file: Path, checkpoints: dict[str, Path]
+) -> None:
+    args = ["--model", str(CASE.checkpoint), "--admin-token-file", str(admin_file), "--on-update", "reset"]
+    with ServerProcess(*args) as server, grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.ActionServiceStub(channel)
+        sid = open_and_feed(stub)  # UNSPECIFIED: the server's --on-update
+        data = (checkpoints["b"] / "model.safetensors").read_bytes()
+        done = push(stub, data, tag="pushed", model="default")
+        assert (done.model_version, done.model_tag) == (2, "pushed")
+        reply = step(stub, sid, N + 1, N)
+        assert reply.context_steps == 1 and reply.model_tag == "pushed"
+        np.testing.assert_allclose(
+            reply.scores, no_cache_scores(checkpoints["b"], N, N + 1), rtol=1e-4, atol=1e-5
+        )
+
+
+# -- refusals change nothing ----------------------------------------------------------------------
+def test_refused_updates_keep_the_old_weights(
+    stub: pb_grpc.ActionServiceStub, checkpoints: dict[str, Path], server: ServerProcess, tmp_path: Path
+) -> None:
+    sid = open_and_feed(stub)
+    good = (checkpoints["b"] / "model.safetensors").read_bytes()
+    corrupt = bytearray(good)
+    corrupt[len(corrupt) // 2] ^= 0xFF
+    torn = tmp_path / "torn"
+    shutil.copytree(checkpoints["b"], torn)
+    (torn / "model.safetensors").write_bytes(good[: len(good) // 2])
+    attempts = [
+        (
+            lambda: update(stub, checkpoints["wrong"], "x"),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "CONFIG_MISMATCH",
+        ),
+        (lambda: update(stub, tmp_path / "missing", "x"), grpc.StatusCode.NOT_FOUND, "CHECKPOINT_NOT_FOUND"),
+        (lambda: update(stub, torn, "x"), grpc.StatusCode.FAILED_PRECONDITION, "CHECKPOINT_INVALID"),
+        (  # the declared checksum is that of the good file, the bytes are not
+            lambda: stub.PushWeights(
+                iter(
+                    [
+                        pb.PushWeightsRequest(
+                            total_bytes=len(good),
+                            sha256=hashlib.sha256(good).hexdigest(),
+                            data=bytes(corrupt),
+                        )
+                    ]
+                ),
+                metadata=ADMIN,
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "UPLOAD_CHECKSUM_MISMATCH",
+        ),
+        (
+            lambda: stub.PushWeights(
+                iter(
+                    [
+                        pb.PushWeightsRequest(
+                            total_bytes=len(good), sha256=hashlib.sha256(good).hexdigest(), data=good[:1000]
+                        )
+                    ]
+                ),
+                metadata=ADMIN,
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "UPLOAD_TRUNCATED",
+        ),
+        (
+            lambda: push(stub, (checkpoints["wrong"] / "model.safetensors").read_bytes(), "x"),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "WEIGHTS_MISMATCH",
+        ),
+        (
+            lambda: push(stub, b"not a safetensors file", "x"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "UPLOAD_NOT_SAFETENSORS",
+        ),
+        (
+            lambda: stub.UpdateModel(pb.UpdateModelRequest(source=str(checkpoints["b"]))),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "UNAUTHENTICATED",
+        ),
+        (
+            lambda: stub.UpdateModel(
+                pb.UpdateModelRequest(source=str(checkpoints["b"])),
+                metadata=(("authorization", "Bearer nope"),),
+            ),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "UNAUTHENTICATED",
+        ),
+    ]
+    for call, code, why in attempts:
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == code, (why, info.value.details())
+        assert reason(info.value) == why, info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        update(stub, checkpoints["wrong"], "x")
+    assert "hidden_dim: 16 -> 48" in info.value.details() or "hidden_dim" in info.value.details()
+    reply = step(stub, sid, N + 1, N)
+    assert (reply.model_version, reply.model_tag) == (1, "")
+    np.testing.assert_allclose(
+        reply.scores, no_cache_scores(checkpoints["a"], 0, N + 1), rtol=1e-4, atol=1e-5
+    )
+    samples = scrape(server)
+    refusals = sum(1 for _, _, why in attempts if why != "UNAUTHENTICATED") + 1
+    assert value(samples, "mouse_model_updates_total", model="default", result="refused") == refusals
+    assert value(samples, "mouse_model_version", model="default") == 1
+
+
+def test_updates_are_off_without_an_admin_token_file(checkpoints: dict[str, Path]) -> None:
+    with (
+        ServerProcess("--model", str(CASE.checkpoint)) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        stub = pb_grpc.ActionServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            update(stub, checkpoints["b"], "x")
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert reason(info.value) == "UPDATES_DISABLED" and "--admin-token-file" in info.value.details()
+
+
+def test_a_worker_token_cannot_update(admin_file: Path, checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    workers = tmp_path / "workers.txt"
+    workers.write_text("worker-secret\n")
+    args = [
+        "--model",
+        str(CASE.checkpoint),
+        "--admin-token-file",
+        str(admin_file),
+        "--token-file",
+        str(workers),
+    ]
+    with ServerProcess(*args) as server, grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.ActionServiceStub(channel)
+        worker = (("authorization", "Bearer worker-secret"),)
+        stub.ListModels(pb.ListModelsRequest(), metadata=worker)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.UpdateModel(pb.UpdateModelRequest(source=str(checkpoints["b"])), metadata=worker)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert (
+            update(stub, checkpoints["b"], "by-admin").model_version == 2
+        )  # the admin token needs no worker token
+
+
+def test_hub_source_at_a_revision(admin_file: Path, checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """A Hub repo id at a revision, offline from huggingface_hub's cache."""
+    repo = tmp_path / "hub" / "models--org--policy"
+    (repo / "refs").mkdir(parents=True)
+    for name, commit, source in (("main", "0" * 40, checkpoints["a"]), ("v2", "1" * 40, checkpoints["b"])):
+        (repo / "refs" / name).write_text(commit)
+        shutil.copytree(source, repo / "snapshots" / commit)
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path)}
+    args = ["--model", "org/policy", "--admin-token-file", str(admin_file)]
+    with ServerProcess(*args, env=env) as server, grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.ActionServiceStub(channel)
+        sid = open_and_feed(stub)
+        req = pb.UpdateModelRequest(source="org/policy", revision="v2", tag="v2")
+        assert stub.UpdateModel(req, metadata=ADMIN).model_version == 2
+        reply = step(stub, sid, N + 1, N)
+        np.testing.assert_allclose(
+            reply.scores, no_cache_scores(checkpoints["b"], 0, N + 1), rtol=1e-4, atol=1e-5
+        )
+        assert "org/policy@v2" in server.log
+
+
+# -- under traffic --------------------------------------------------------------------------------
+def test_updates_under_traffic_fail_no_request_and_replies_carry_a_live_version(
+    stub: pb_grpc.ActionServiceStub, checkpoints: dict[str, Path], server: ServerProcess
+) -> None:
+    """8 workers step while 6 updates alternate two checkpoints: no request fails, and each
+    reply's version was live while its request was in flight."""
+    updates_started: list[float] = []  # time each update was sent (version = index + 2)
+    updates_done: list[float] = []
+    stop = threading.Event()
+    failures: list[Exception] = []
+    replies: list[tuple[float, float, int]] = []  # (sent, received, version)
+
+    def worker(i: int) -> None:
+        with grpc.insecure_channel(server.target) as channel:
+            own = pb_grpc.ActionServiceStub(channel)
+            sid = own.OpenSession(pb.OpenSessionRequest(seed=i, on_update=1 + i % 3)).session_id
+            seq = 0
+            while not stop.is_set():
+                seq += 1
+                sent = time.monotonic()
+                try:
+                    reply = step(own, sid, seq, seq)
+                except grpc.RpcError as exc:
+                    failures.append(exc)
+                    return
+                replies.append((sent, time.monotonic(), reply.model_version))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        for k in range(6):
+            time.sleep(0.3)
+            updates_started.append(time.monotonic())
+            update(stub, checkpoints["b" if k % 2 == 0 else "a"], tag=f"u{k}")
+            updates_done.append(time.monotonic())
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not failures, failures
+    assert len(replies) > 50
+    for sent, received, version in replies:
+        newest = 1 + sum(1 for t in updates_started if t < received)
+        oldest = 1 + sum(1 for t in updates_done if t < sent)
+        assert oldest <= version <= newest, (sent, received, version)
+    assert max(v for _, _, v in replies) == 7
