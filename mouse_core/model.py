@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tensordict import TensorDict
 from torch import Tensor, nn
 
 from mouse_core.cache import AttentionPlan, KVCachePool
 from mouse_core.config import TOKEN_TYPE, BackboneConfig, EmbeddingConfig, HeadConfig, ModelConfig
 from mouse_core.sampling import sample_actions, vec_dqn_scores
 from mouse_core.steps import StepSchema, validate_steps
+
+if TYPE_CHECKING:  # tensordict is needed by `Model.forward` only, not for serving
+    from tensordict import TensorDict
 
 # oneDNN (through ideep) caches a primitive of about 0.6 MiB per input shape it sees, and a new
 # shape costs 0.5-1 ms to build, so the packed path serves a bounded set of shapes: up to 8 rows,
@@ -72,13 +74,15 @@ class LinearWeights:
 
 
 def can_pack_weights(device: torch.device, dtype: torch.dtype) -> bool:
-    """oneDNN weight packing applies to CPU float32/bfloat16 when PyTorch is built with it."""
-    return (
-        device.type == "cpu"
-        and dtype in (torch.float32, torch.bfloat16)
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    )
+    """oneDNN weight packing applies to CPU float32 when PyTorch is built with it, and to
+    bfloat16 on CPUs with bfloat16 instructions (AVX512-BF16/AMX or AVX-NE-CONVERT)."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32
 
 
 class RMSNorm(nn.Module):
@@ -642,6 +646,8 @@ class Model(nn.Module):
         same `B` sequences; the outputs then equal one forward over all steps so far.
         `cache_position`, when given, must be the token positions of these steps.
         """
+        from tensordict import TensorDict
+
         if isinstance(step_stream, TensorDict):
             batch_shape = tuple(step_stream.batch_size)
         else:

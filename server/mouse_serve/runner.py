@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +58,15 @@ class WorkResult:
     model_version: int = 1  # of the weights that ran this forward (chose the action)
     model_tag: str = ""
     oldest_version: int = 0  # of a prefill's first chunk, when its chunks ran under several versions
+
+
+@dataclass
+class RunTiming:
+    """Where the last `ModelRunner.run` spent its time (`time.perf_counter` stamps, seconds)."""
+
+    started: float = 0.0
+    ended: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)  # pack, forward, sample, unpack
 
 
 def resolve_device(device: str) -> torch.device:
@@ -123,6 +132,7 @@ class ModelRunner:
         self.compile = compile == "on" and not self.cuda and model.backbone is not None
         self.table = ExecutionTable([], self.default_path())
         self._applied: ExecutionPath | None = None
+        self.timing = RunTiming()
         self._on_device = threading.local()
 
     @classmethod
@@ -376,6 +386,7 @@ class ModelRunner:
                 return result
         steps = {k: self._tensor(v) for k, v in fields.items()}
         scores = self.model.forward_batch(steps, self.pool, slots, counts)
+        self._forward_done = time.perf_counter()
         draws = (self._tensor(a) for a in (temperature, num_actions, uniform))
         return scores, sample_actions(scores, *draws)
 
@@ -390,6 +401,7 @@ class ModelRunner:
 
     def run(self, items: list[WorkItem]) -> list[WorkResult]:
         """Apply every item's steps in one batched forward and sample all actions at once."""
+        started = time.perf_counter()
         version, tag = self.version, self.tag
         pool, model, chunk = self.pool, self.model, self.prefill_chunk_steps
         if self.cuda and getattr(self._on_device, "index", None) != self.device.index:
@@ -420,10 +432,12 @@ class ModelRunner:
         context = int((pool.lengths[slots] // tps + counts).max())
         path = self.table.lookup(int(counts.sum()), context)
         self._apply(path)
+        packed_at = self._forward_done = time.perf_counter()
         with torch.inference_mode():
             scores, actions = self._forward(slots, packed, counts, temperature, num_actions, uniform, path)
         actions_host = actions.cpu().numpy()
         scores_host = scores.cpu().numpy() if any(i.want_scores for i in items) else None
+        sampled_at = time.perf_counter()
         results: list[WorkResult | None] = [None] * len(items)
         for j, item in enumerate(items):
             scores_j = (
@@ -432,6 +446,18 @@ class ModelRunner:
                 else None
             )
             results[order[j]] = WorkResult(int(actions_host[j]), scores_j, version, tag)
+        ended = time.perf_counter()
+        forwarded = max(self._forward_done, packed_at)  # graphs: forward and sampling in one replay
+        self.timing = RunTiming(
+            started,
+            ended,
+            {
+                "pack": packed_at - started,
+                "forward": forwarded - packed_at,
+                "sample": sampled_at - forwarded,
+                "unpack": ended - sampled_at,
+            },
+        )
         return results  # type: ignore[return-value]
 
 

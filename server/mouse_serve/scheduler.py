@@ -50,6 +50,7 @@ class BatchStats:
     queue_wait_s: list[float]  # of the requests it finished
     model_time_s: float
     actions: int  # requests it finished (the others were a prefill's leading chunks)
+    stages: dict[str, float] = field(default_factory=dict)  # handoff and the runner's stages
 
 
 @dataclass
@@ -254,6 +255,7 @@ class Scheduler:
             if not batch:
                 continue
             started = time.monotonic()
+            handed = time.perf_counter()
             try:
                 results = await loop.run_in_executor(self._executor, self.runner.run, items)
             except Exception as exc:
@@ -262,8 +264,11 @@ class Scheduler:
                     if not p.future.done():
                         p.future.set_exception(exc)
                 continue
+            back = time.perf_counter()
             done = time.monotonic()
             elapsed = done - started
+            timing = self.runner.timing
+            stages = {**timing.stages, "handoff": (timing.started - handed) + (back - timing.ended)}
             self._forward_s = _average(self._forward_s, elapsed)
             if all(i.num_steps == 1 for i in items):
                 self._decode_s = _average(self._decode_s, elapsed)
@@ -292,6 +297,7 @@ class Scheduler:
                         [started - p.queued_at for p in finished],
                         elapsed,
                         len(finished),
+                        stages,
                     )
                 )
 
