@@ -29,11 +29,11 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 
 from mouse_serve.errors import deadline_exceeded
-from mouse_serve.runner import ModelRunner, WorkItem, WorkResult
+from mouse_serve.runner import ModelRunner, RunnerExecutor, WorkItem, WorkResult
 
 log = logging.getLogger(__name__)
 OVERDUE = 2.0  # a session later than twice its usual turnaround has stopped stepping for now
@@ -98,7 +98,7 @@ class Scheduler:
         self._prefill_next = False  # alternate between the two kinds when both wait
         self._wake = asyncio.Event()
         self._own_executor = executor is None
-        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix=f"runner-{runner.spec.name}")
+        self._executor = executor or RunnerExecutor()
         self._task: asyncio.Task[None] | None = None
 
     # -- slots ----------------------------------------------------------------------------------
@@ -220,6 +220,19 @@ class Scheduler:
         steps = {k: v[start:stop] for k, v in item.steps.items()}
         return replace(item, steps=steps, num_steps=stop - start, reset=item.reset and start == 0)
 
+    def _run_inline(self, items: list[WorkItem]) -> bool:
+        """Whether to run this batch on the event loop's thread: one decode step while nothing
+        else waits and the runner thread is idle (a single session stepping alone), where the
+        hand-offs to and from the runner thread would cost more than blocking the loop briefly."""
+        executor = self._executor
+        return (
+            len(items) == 1
+            and items[0].num_steps == 1
+            and not self.queue_length
+            and isinstance(executor, RunnerExecutor)
+            and executor.idle
+        )
+
     async def _await_stragglers(self) -> None:
         """Wait (briefly) for sessions whose next step is due about now."""
         budget = min(self.max_batch_wait_s, 0.5 * self._forward_s)
@@ -257,7 +270,10 @@ class Scheduler:
             started = time.monotonic()
             handed = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self._executor, self.runner.run, items)
+                if self._run_inline(items):
+                    results = self.runner.run(items)
+                else:
+                    results = await loop.run_in_executor(self._executor, self.runner.run, items)
             except Exception as exc:
                 log.exception("forward of %d item(s) failed", len(batch))
                 for p in batch:
