@@ -121,6 +121,20 @@ class DecodeGraphs:
         self._memory_pool = torch.cuda.graph_pool_handle() if capture else None
         self.failed: str | None = None  # why capturing stopped
 
+    def prepare(self, rows: int, max_tokens: int) -> None:
+        """Build (capture) now every length bucket up to `max_tokens` for batches on slots
+        `0..rows-1`, so that none is captured inside a timed step (the bench's floor)."""
+        rows = bucket_rows(rows, self.pool.num_slots + 1)
+        length = MIN_LENGTH_BUCKET
+        while True:
+            length = bucket_length(length, self.pool.max_tokens)
+            if (rows, length) not in self._graphs and self.failed is None:
+                memory = self._memory_pool if self.capture else None
+                self._graphs[(rows, length)] = DecodeGraph(self.model, self.pool, rows, length, memory)
+            if length >= min(max_tokens, self.pool.max_tokens):
+                return
+            length *= 2
+
     def fits(self, slots: np.ndarray, num_steps: np.ndarray) -> bool:
         """Whether a batch is a plain decode step (one step per session) that fits the pool."""
         if self.failed is not None:
