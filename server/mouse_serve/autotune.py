@@ -31,7 +31,10 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 ROW_BUCKET_BASE = 4  # batch-row buckets: 1, 4, 16, 64, ... up to the pool's sessions
-CONTEXT_BUCKETS = (64, 512)  # context-length buckets (steps), capped at the context limit
+CONTEXT_BUCKETS = (32, 256)  # context-length buckets (steps), capped at the context limit
+# Shapes beyond this many rows x context steps are measured at the shortest context only (their
+# steps take long to time; the longer context takes the choice of the same rows there).
+MAX_SHAPE_STEPS = 64 * 256
 MIN_ROUNDS, MAX_ROUNDS = 3, 15
 PRUNE_FACTOR = 2.0  # after one round, candidates this much slower than the fastest stop
 BUCKET_BUDGET_S = 0.6  # measuring stops adding rounds for a shape after this long
@@ -110,8 +113,10 @@ class ExecutionTable:
         self.choices = list(choices)
         self.default = default
         self._rows = sorted({c.rows for c in choices})
-        self._contexts = sorted({c.context_steps for c in choices})
+        self._contexts: dict[int, list[int]] = {}  # rows -> measured contexts, ascending
         self._paths = {(c.rows, c.context_steps): c.path for c in choices}
+        for c in sorted(choices, key=lambda c: c.context_steps):
+            self._contexts.setdefault(c.rows, []).append(c.context_steps)
 
     @property
     def paths(self) -> set[ExecutionPath]:
@@ -123,8 +128,9 @@ class ExecutionTable:
         i = bisect.bisect_left(self._rows, rows)
         if i == len(self._rows) or (i > 0 and rows * rows < self._rows[i - 1] * self._rows[i]):
             i -= 1  # nearer (geometrically) to the bucket below
-        j = min(bisect.bisect_left(self._contexts, context_steps), len(self._contexts) - 1)
-        return self._paths.get((self._rows[i], self._contexts[j]), self.default)
+        contexts = self._contexts[self._rows[i]]
+        j = min(bisect.bisect_left(contexts, context_steps), len(contexts) - 1)
+        return self._paths[(self._rows[i], contexts[j])]
 
 
 def row_buckets(max_rows: int) -> list[int]:

@@ -300,7 +300,9 @@ class ModelRunner:
         """The (rows, context steps) shapes the measurement times."""
         rows = autotune.row_buckets(self.pool.num_slots)
         contexts = autotune.context_buckets(self.max_context_steps)
-        return [(r, c) for c in contexts for r in rows]
+        return [
+            (r, c) for c in contexts for r in rows if c == contexts[0] or r * c <= autotune.MAX_SHAPE_STEPS
+        ]
 
     def tune(self, cache: Path | None = None) -> None:
         """Measure the candidate paths on this machine (or read them from `cache`)."""

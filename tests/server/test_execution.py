@@ -114,6 +114,10 @@ def test_measurement_chooses_the_fastest_candidate_per_shape(
     choices = runner.execution_choices
     assert [(c.rows, c.context_steps) for c in choices] == runner.shapes()
     assert [(c.rows, c.context_steps) for c in choices] == [(1, 32), (4, 32)]  # 6 sessions, 32 steps
+    assert load(GQA, max_sessions=256, max_context_steps=300).shapes() == [
+        *((r, 32) for r in (1, 4, 16, 64, 256)),
+        *((r, 256) for r in (1, 4, 16, 64)),  # 256 x 256 is measured at the short context only
+    ]
     for choice in choices:
         assert set(choice.candidates) == {str(p) for p in runner.candidates()}
         assert choice.step_ms == min(choice.candidates.values()) == choice.candidates[str(choice.path)]
@@ -153,12 +157,16 @@ def test_table_lookup_takes_the_nearest_shape() -> None:
     assert table.lookup(3, 10) == paths[4]
     assert table.lookup(40, 600) == paths[64]
     assert table.lookup(1000, 5000) == paths[64]
+    # A shape measured at the short context only: the long context takes the same rows' choice.
+    short = ExecutionTable(choices[:5], ExecutionPath(threads=9))
+    assert short.lookup(64, 600) == paths[64] and short.lookup(1, 600) == paths[1]
     assert ExecutionTable([], ExecutionPath(threads=9)).lookup(5, 5) == ExecutionPath(threads=9)
     assert autotune.row_buckets(1) == [1]
     assert autotune.row_buckets(72) == [1, 4, 16, 64]
     assert autotune.row_buckets(256) == [1, 4, 16, 64, 256]
     assert autotune.row_buckets(200) == [1, 4, 16, 64, 200]
-    assert autotune.context_buckets(32) == [32]
+    assert autotune.context_buckets(16) == [16]
+    assert autotune.context_buckets(100) == [32, 100]
     assert autotune.thread_counts(6) == [1, 2, 4, 6]
 
 
