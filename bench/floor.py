@@ -199,6 +199,7 @@ def main() -> int:
         max_context_steps=longest,
         prefill_chunk_steps=256,
         threads=spec["threads"],
+        execution=spec.get("execution"),
     )
     model = runner.model
     feed = Feed(**spec["feed"])

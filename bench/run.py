@@ -99,6 +99,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch threads of the server (OMP_NUM_THREADS; default: as --threads)",
     )
     p.add_argument("--rpcs", default="unary,stream,batched", help="b RPC forms to run")
+    p.add_argument(
+        "--execution",
+        default=None,
+        metavar="PATH",
+        help="pin one execution path in the servers and the floor (e.g. packed,threads=2) instead of "
+        "their start-up measurement",
+    )
     p.add_argument("--cache", type=Path, default=shapes.DEFAULT_CACHE, help="checkpoint cache folder")
     p.add_argument("--reference-venv", type=Path, default=refenv.DEFAULT_VENV)
     p.add_argument(
@@ -493,6 +500,7 @@ def bench_shape(shape: str, args: argparse.Namespace, results_dir: Path, stamp: 
         "e_warmup": args.e_warmup,
         "e_measure": args.e_measure,
         "temperature": TEMPERATURE,
+        "execution": args.execution,
     }
 
     # c, e (floor), f
@@ -532,6 +540,7 @@ def bench_shape(shape: str, args: argparse.Namespace, results_dir: Path, stamp: 
         threads=args.server_threads,
         log_path=server_log,
         cwd=args.src_dir,
+        extra_args=["--execution", args.execution] if args.execution else None,
     )
     res["server"] = {"log": str(server_log), "threads": args.server_threads}
 

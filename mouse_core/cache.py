@@ -53,6 +53,8 @@ class AttentionPlan:
     token_row: torch.Tensor | None = None  # [Ntok] grid row of each token (None: grid order)
     token_col: torch.Tensor | None = None  # [Ntok] grid column of each token
     mask: torch.Tensor | None = None  # [rows, 1, n_rep * Tq, Lk] additive, built per forward
+    keys: torch.Tensor | None = None  # [layers, rows, kv_heads, Lk, hd] views of a range's cache
+    values: torch.Tensor | None = None
 
     def attention_mask(self, n_rep: int, dtype: torch.dtype) -> torch.Tensor:
         """0 where a query may attend, -inf elsewhere; heads sharing a KV head are stacked along
@@ -234,10 +236,15 @@ class KVCachePool:
 
         Returns the attention output `[Ntok, H * hd]`.
         """
-        cache = self.kv[layer]
-        cache[plan.token_slot, :, :, plan.positions] = kv
-        keys = cache[plan.rows, 0, :, : plan.max_len]
-        values = cache[plan.rows, 1, :, : plan.max_len]
+        self.kv[layer, plan.token_slot, :, :, plan.positions] = kv
+        if isinstance(plan.rows, slice):  # views of every layer at once (they see later writes)
+            if plan.keys is None or plan.values is None:
+                plan.keys = self.kv[:, plan.rows, 0, :, : plan.max_len]
+                plan.values = self.kv[:, plan.rows, 1, :, : plan.max_len]
+            keys, values = plan.keys[layer], plan.values[layer]
+        else:  # gathered after this layer's write
+            keys = self.kv[layer, plan.rows, 0, :, : plan.max_len]
+            values = self.kv[layer, plan.rows, 1, :, : plan.max_len]
         rows, tq, rep = plan.num_rows, plan.max_new, self.n_rep
         kv_heads, head_dim = self.num_kv_heads, self.head_dim
         if plan.token_row is None:
@@ -296,7 +303,7 @@ class KVCachePool:
         plan.token_slot.copy_(torch.from_numpy(np.repeat(owner, tps)), non_blocking=True)
         plan.query_pos.copy_(torch.from_numpy(query), non_blocking=True)
         plan.slots, plan.new_tokens = slots, np.full(len(slots), tps, dtype=np.int64)
-        plan.mask = None  # rebuilt from the new query positions
+        plan.mask = plan.keys = plan.values = None  # rebuilt for this step
 
     def commit(self, plan: AttentionPlan) -> None:
         """Advance the lengths of the planned sequences after a successful forward."""

@@ -36,11 +36,17 @@ PACKED_ROW_STEP = 8
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, packed: Tensor | None) -> Tensor:
     """`F.linear`, or oneDNN on the pre-packed `packed` copy of `weight` for the bounded shapes
     (not under `torch.compile`, which packs weights itself)."""
-    if packed is not None and not torch.compiler.is_compiling():
-        rows = x.numel() // weight.shape[1]
-        if 0 < rows <= PACKED_MAX_ROWS and (rows <= PACKED_ROW_STEP or rows % PACKED_ROW_STEP == 0):
-            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    if (
+        packed is not None
+        and not torch.compiler.is_compiling()
+        and _packed_rows(x.numel() // weight.shape[1])
+    ):
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+def _packed_rows(rows: int) -> bool:
+    return 0 < rows <= PACKED_MAX_ROWS and (rows <= PACKED_ROW_STEP or rows % PACKED_ROW_STEP == 0)
 
 
 def pack_weight(weight: Tensor, batch_hint: int = 3) -> Tensor:
@@ -71,6 +77,14 @@ class LinearWeights:
 
     def __call__(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias, self.packed)
+
+    def add_to(self, residual: Tensor, x: Tensor) -> Tensor:
+        """`residual + self(x)` in one op (2-D inputs)."""
+        if self.packed is not None and not torch.compiler.is_compiling() and _packed_rows(x.shape[0]):
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, self.bias, "add")
+        if self.bias is not None:
+            return residual + F.linear(x, self.weight, self.bias)
+        return torch.addmm(residual, x, self.weight.t())
 
 
 def can_pack_weights(device: torch.device, dtype: torch.dtype) -> bool:
@@ -280,11 +294,14 @@ def _interleave_halves(weight: Tensor, heads: int, head_dim: int) -> Tensor:
 
 
 def _rotate_pairs(x: Tensor, rotation: Tensor) -> Tensor:
-    """RoPE in place on `x` `[N, heads, hd/2, 2]` (adjacent pairs) by `rotation` (see `Backbone.rope`)."""
-    if x.dtype == torch.float32 and not torch.compiler.is_compiling():
-        # One complex multiply (inductor does not generate complex code; it fuses the real form).
-        torch.view_as_complex(x).mul_(torch.view_as_complex(rotation))
-        return x
+    """RoPE in place on `x` `[N, heads, hd/2, 2]` (adjacent pairs) by `rotation`: complex
+    `[N, 1, hd/2]` (see `Backbone.rope`), or its real view `[N, 1, hd/2, 2]` under `torch.compile`
+    (inductor generates no complex code; it fuses the real form)."""
+    if rotation.is_complex():
+        if x.dtype == torch.float32:
+            torch.view_as_complex(x).mul_(rotation)  # one op
+            return x
+        rotation = torch.view_as_real(rotation)  # no complex bfloat16: rotate in float32
     cos, sin = rotation.unbind(-1)
     a, b = x.float().unbind(-1)
     return x.copy_(torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1))
@@ -400,9 +417,9 @@ class Backbone(nn.Module):
         self._fused, self._fused_key = None, ()
 
     def rope(self, positions: Tensor) -> Tensor:
-        """RoPE rotations at `positions`: `[Ntok, 1, hd/2, 2]` (cos, sin) in float32, as HF."""
-        angles = positions.float()[:, None, None, None] * self.inv_freq[:, None]
-        return torch.cat((angles.cos(), angles.sin()), dim=-1)
+        """RoPE rotations at `positions`: `[Ntok, 1, hd/2]` complex64 (cos + i sin, float32 as HF)."""
+        angles = positions.float()[:, None, None] * self.inv_freq
+        return torch.polar(torch.ones_like(angles), angles)
 
     def compile_dense(self, on: bool = True) -> None:
         """Run each layer's dense parts (norms, linears, RoPE, MLP) through `torch.compile`
@@ -423,6 +440,8 @@ class Backbone(nn.Module):
         q_width = cfg.num_heads * hd
         before, after = self._compiled if self.use_compiled and self._compiled else _EAGER
         rotation = self.rope(plan.positions)
+        if before is not _before_attention:
+            rotation = torch.view_as_real(rotation)
         for i, layer in enumerate(self.fused_layers()):
             qkv = before(layer, x, rotation)
             out = pool.attend(i, plan, qkv[:, :q_width], qkv[:, q_width:].view(n, 2, kv_heads, hd))
@@ -444,10 +463,9 @@ def _before_attention(layer: FusedLayer, x: Tensor, rotation: Tensor) -> Tensor:
 
 def _after_attention(layer: FusedLayer, x: Tensor, attended: Tensor) -> Tensor:
     """Output projection and residual, then the SwiGLU MLP block and residual."""
-    x = x + layer.o(attended)
-    gate_up = layer.gate_up(F.rms_norm(x, (x.shape[1],), layer.post_norm, layer.eps))
-    mid = layer.intermediate
-    return x + layer.down(F.silu(gate_up[:, :mid]) * gate_up[:, mid:])
+    x = layer.o.add_to(x, attended)
+    gate, up = layer.gate_up(F.rms_norm(x, (x.shape[1],), layer.post_norm, layer.eps)).chunk(2, dim=-1)
+    return layer.down.add_to(x, F.silu(gate).mul_(up))
 
 
 _EAGER = (_before_attention, _after_attention)

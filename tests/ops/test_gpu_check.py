@@ -43,7 +43,8 @@ def test_every_step_runs_on_the_cpu(tmp_path: Path) -> None:
     bench, and the one table."""
     bench = (
         "--quick --shapes mid --skip-reference --sessions 1,2 --batches 1,2 --histories 4,8 "
-        "--rpcs batched --workers 1 --warmup 1 --measure 2 --e-warmup 1 --e-measure 2"
+        "--rpcs batched --workers 1 --warmup 1 --measure 2 --e-warmup 1 --e-measure 2 "
+        "--execution plain,threads=1"
     )
     result, _ = run(
         tmp_path,
