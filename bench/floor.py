@@ -1,15 +1,17 @@
-"""c, e (floor) and f: the project's own batched forward + sampling in-process, no gRPC.
+"""c, e (floor) and f in-process, no gRPC; and the machine's matmul throughput (the FLOP limit).
 
 Run by `bench/run.py` as a subprocess of the project's venv: `python bench/floor.py SPEC_JSON`;
-prints one JSON object on stdout. Per step: the step columns become tensors on the device,
-`Model.forward_batch` appends them to every session's slot of a `KVCachePool`, `sample_actions`
-draws all actions at once (uniforms from `counter_uniform(seed, step)` like the server) and the
-actions come back to the host, to be fed as the next step's `action`.
+prints one JSON object on stdout. The floor runs the server's own compute path without the
+server around it: a `ModelRunner` (the same start-up measurement of execution paths, the same
+packing, forward, sampling and, on CUDA, the same captured decode graphs), called once per
+lockstep step with one work item per session (uniforms from `counter_uniform(seed, step)` like
+the server); the actions come back to the host and are fed as the next step's `action`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -20,7 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from protocol import Feed, rss_bytes, summarize, summarize_histories
 
-from mouse_core import counter_uniform, load_model, sample_actions
+from mouse_serve.config import ModelSpec
+from mouse_serve.runner import ModelRunner, WorkItem
 
 
 def _sync(device: torch.device) -> None:
@@ -28,80 +31,87 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def lockstep(model, feed: Feed, batch: int, warmup: int, measure: int, temperature: float) -> dict:
+def _items(
+    slots: list[int],
+    cols: dict[str, np.ndarray],
+    s: slice,
+    actions: np.ndarray,
+    seq: int,
+    feed: Feed,
+    temperature: float,
+) -> list[WorkItem]:
+    n = s.stop - s.start
+    out = []
+    for i, slot in enumerate(slots):
+        steps = {k: np.ascontiguousarray(v[i, s]) for k, v in cols.items() if k != "action"}
+        steps["action"] = (
+            np.full(n, actions[i], dtype=np.int64) if n == 1 else np.ascontiguousarray(cols["action"][i, s])
+        )
+        out.append(WorkItem(slot, steps, n, False, temperature, feed.num_actions, i, seq, False))
+    return out
+
+
+def lockstep(
+    runner: ModelRunner, feed: Feed, batch: int, warmup: int, measure: int, temperature: float
+) -> dict:
     """`batch` sessions from empty: `warmup` steps, then `measure` timed steps."""
-    dev = model.device
     total = warmup + measure
     cols = feed.batch(batch, total)
-    pool = model.new_cache_pool(batch, total)
-    slots = np.array([pool.allocate() for _ in range(batch)])
-    ones = np.ones(batch, dtype=np.int64)
-    seeds = np.arange(batch, dtype=np.uint64)
-    temp = torch.full((batch,), temperature, dtype=torch.float32, device=dev)
-    nact = torch.full((batch,), feed.num_actions, dtype=torch.int64, device=dev)
+    slots = [runner.pool.allocate() for _ in range(batch)]
+    if runner.graphs is not None:  # capture every length bucket now, not inside a timed step
+        runner.graphs.prepare(max(slots) + 1, total * runner.model.tokens_per_step)
     actions = np.zeros(batch, dtype=np.int64)
     times = []
-    for s in range(total):
-        t0 = time.perf_counter()
-        steps = {
-            "time": torch.from_numpy(cols["time"][:, s]).to(dev),
-            "action": torch.from_numpy(actions).to(dev),
-            "obs_continuous": torch.from_numpy(cols["obs_continuous"][:, s]).to(dev),
-            "reward": torch.from_numpy(cols["reward"][:, s]).to(dev),
-            "done": torch.from_numpy(cols["done"][:, s]).to(dev),
-        }
-        uniform = torch.from_numpy(counter_uniform(seeds, np.full(batch, s + 1, dtype=np.uint64))).to(dev)
-        with torch.inference_mode():
-            scores = model.forward_batch(steps, pool, slots, ones)
-            picked = sample_actions(scores, temp, nact, uniform)
-        actions = picked.cpu().numpy()
-        t1 = time.perf_counter()
-        if s >= warmup:
-            times.append(t1 - t0)
+    try:
+        for s in range(total):
+            t0 = time.perf_counter()
+            results = runner.run(_items(slots, cols, slice(s, s + 1), actions, s + 1, feed, temperature))
+            actions = np.array([r.action for r in results], dtype=np.int64)
+            t1 = time.perf_counter()
+            if s >= warmup:
+                times.append(t1 - t0)
+    finally:
+        for slot in slots:
+            runner.pool.free(slot)
     out = summarize(times, batch)
     out.update(batch=batch, history_start=warmup, history_end=total)
-    del pool
     return out
 
 
 def history_costs(
-    model, feed: Feed, histories: list[int], warmup: int, measure: int, temperature: float
+    runner: ModelRunner, feed: Feed, histories: list[int], warmup: int, measure: int, temperature: float
 ) -> dict[str, dict]:
     """e: one session per history length, each prefilled with `history` steps, then stepped one
     step at a time in turn (round robin), so drift of the machine's speed hits all lengths alike."""
-    dev = model.device
     longest = max(histories) + warmup + measure
-    pool = model.new_cache_pool(len(histories), longest)
-    slots = [np.array([pool.allocate()]) for _ in histories]
-    cols = feed.columns(0, longest)
-    with torch.inference_mode():
-        for h, slot in zip(histories, slots, strict=True):
-            prefill = {k: torch.from_numpy(v[:h]).to(dev) for k, v in cols.items()}
-            model.forward_batch(prefill, pool, slot, np.array([h]))
-    temp = torch.full((1,), temperature, device=dev)
-    nact = torch.full((1,), feed.num_actions, dtype=torch.int64, device=dev)
-    one = np.ones(1, dtype=np.int64)
+    cols = feed.batch(1, longest)
+    slots = [runner.pool.allocate() for _ in histories]
     actions = [np.zeros(1, dtype=np.int64) for _ in histories]
     times: list[list[float]] = [[] for _ in histories]
-    for i in range(warmup + measure):
+    try:
         for j, (h, slot) in enumerate(zip(histories, slots, strict=True)):
-            s = h + i
-            t0 = time.perf_counter()
-            steps = {k: torch.from_numpy(v[s : s + 1]).to(dev) for k, v in cols.items() if k != "action"}
-            steps["action"] = torch.from_numpy(actions[j]).to(dev)
-            uniform = torch.from_numpy(counter_uniform(np.zeros(1, np.uint64), np.array([s + 1], np.uint64)))
-            with torch.inference_mode():
-                scores = model.forward_batch(steps, pool, slot, one)
-                picked = sample_actions(scores, temp, nact, uniform.to(dev))
-            actions[j] = picked.cpu().numpy()
-            t1 = time.perf_counter()
-            if i >= warmup:
-                times[j].append(t1 - t0)
+            (result,) = runner.run(_items([slot], cols, slice(0, h), actions[j], 1, feed, temperature))
+            actions[j][0] = result.action
+        for i in range(warmup + measure):
+            for j, (h, slot) in enumerate(zip(histories, slots, strict=True)):
+                s = h + i
+                t0 = time.perf_counter()
+                (result,) = runner.run(
+                    _items([slot], cols, slice(s, s + 1), actions[j], i + 2, feed, temperature)
+                )
+                actions[j][0] = result.action
+                t1 = time.perf_counter()
+                if i >= warmup:
+                    times[j].append(t1 - t0)
+    finally:
+        for slot in slots:
+            runner.pool.free(slot)
     return summarize_histories(histories, times, warmup, measure)
 
 
-def kv_memory(model, steps: int, sessions: int, geometry: dict) -> dict:
+def kv_memory(runner: ModelRunner, steps: int, sessions: int, geometry: dict) -> dict:
     """f: bytes a pool reserves per session vs the raw K/V bytes of `steps` steps of context."""
+    model = runner.model
     dev = model.device
     tokens = steps * model.tokens_per_step
     rss0 = rss_bytes()
@@ -109,8 +119,8 @@ def kv_memory(model, steps: int, sessions: int, geometry: dict) -> dict:
     pool = model.new_cache_pool(sessions, steps)
     rss1 = rss_bytes()
     cuda1 = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
-    storage = pool.k.untyped_storage().nbytes() + pool.v.untyped_storage().nbytes()
-    elem = pool.k.element_size()
+    storage = pool.kv.untyped_storage().nbytes()
+    elem = pool.kv.element_size()
     raw = 2 * geometry["layers"] * geometry["kv_heads"] * geometry["head_dim"] * tokens * elem
     out = {
         "context_steps": steps,
@@ -130,26 +140,89 @@ def kv_memory(model, steps: int, sessions: int, geometry: dict) -> dict:
     return out
 
 
+def matmul_throughput(
+    device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 2.0
+) -> dict:
+    """The machine's dense matmul rate: the best of repeated `size`^3 products (FLOP/s)."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    flops = 2.0 * size**3
+    best, runs, started = float("inf"), 0, time.perf_counter()
+    torch.mm(a, b)  # warm-up
+    _sync(device)
+    while runs < 3 or (time.perf_counter() - started < seconds and runs < 50):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+        runs += 1
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "size": size,
+        "runs": runs,
+        "flops_per_s": flops / best,
+    }
+
+
+def step_flops(model, batch: int, history_steps: float) -> dict:
+    """FLOPs of one decode step of `batch` sessions at `history_steps` of history: every linear
+    of the decoder on every new token, the action head on the last token of each step, and
+    attention (q·k and p·v over each new token's context)."""
+    bb = model.config.backbone
+    tps = model.tokens_per_step
+    tokens = batch * tps
+    decoder = sum(p.numel() for n, p in model.backbone.layers.named_parameters() if p.dim() == 2)
+    head = getattr(model, f"{model.action_head}_head")
+    head_params = sum(
+        p.numel() for n, p in head.named_parameters() if p.dim() == 2 and not n.startswith("target")
+    )
+    # token t of the step (0-based) attends over history_steps * tps + t + 1 positions
+    context = batch * sum(history_steps * tps + t + 1 for t in range(tps))
+    attention = 4 * bb.num_layers * bb.num_heads * bb.head_dim * context
+    linear = 2 * decoder * tokens + 2 * head_params * batch
+    return {"linear": linear, "attention": attention, "total": linear + attention}
+
+
 def main() -> int:
     spec = json.loads(sys.argv[1])
+    logging.basicConfig(level=logging.INFO, format="[floor] %(message)s", stream=sys.stderr)
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     dev = torch.device(spec["device"])
-    model = load_model(spec["checkpoint"], device=dev, dtype=spec["dtype"])
-    packed = model.pack_weights()
+    total = spec["warmup"] + spec["measure"]
+    longest = max(max(spec["histories"]) + spec["e_warmup"] + spec["e_measure"], total) + 8
+    runner = ModelRunner.load(
+        ModelSpec("floor", spec["checkpoint"]),
+        device=spec["device"],
+        dtype=spec["dtype"],
+        max_sessions=max(max(spec["batches"]), len(spec["histories"])),
+        max_context_steps=longest,
+        prefill_chunk_steps=256,
+        threads=spec["threads"],
+        execution=spec.get("execution"),
+    )
+    model = runner.model
     feed = Feed(**spec["feed"])
-    out: dict = {"packed_weights": packed, "threads": torch.get_num_threads(), "c": {}, "e": {}}
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    out: dict = {
+        "threads": spec["threads"],
+        "execution": [c.describe() for c in runner.execution_choices] or [str(runner.table.default)],
+        "c": {},
+        "e": {},
+        "matmul": matmul_throughput(dev, dtype),
+    }
     # f first, while the heap is fresh: the pool's pages are new to the process (RSS growth).
-    steps = spec["warmup"] + spec["measure"]
-    out["f"] = kv_memory(model, steps, max(spec["batches"]), spec["geometry"])
+    out["f"] = kv_memory(runner, total, max(spec["batches"]), spec["geometry"])
+    mean_history = spec["warmup"] + (spec["measure"] - 1) / 2
     for batch in spec["batches"]:
         print(f"[floor] c batch {batch}", file=sys.stderr, flush=True)
-        out["c"][str(batch)] = lockstep(
-            model, feed, batch, spec["warmup"], spec["measure"], spec["temperature"]
-        )
+        r = lockstep(runner, feed, batch, spec["warmup"], spec["measure"], spec["temperature"])
+        r["flops"] = step_flops(model, batch, mean_history)
+        r["flops_per_s"] = r["flops"]["total"] / (r["median_ms"] / 1e3)
+        out["c"][str(batch)] = r
     print(f"[floor] e histories {spec['histories']}", file=sys.stderr, flush=True)
     out["e"] = history_costs(
-        model, feed, spec["histories"], spec["e_warmup"], spec["e_measure"], spec["temperature"]
+        runner, feed, spec["histories"], spec["e_warmup"], spec["e_measure"], spec["temperature"]
     )
     json.dump(out, sys.stdout)
     return 0

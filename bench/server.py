@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 METRICS = re.compile(r"metrics on http://([\w.\-\[\]:]+):(\d+)")
-SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(?:\{[^}]*\})?\s+([-+\w.]+)$")
+SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+([-+\w.]+)$")
 LISTENING = re.compile(r"listening on ([\w.\-\[\]:]+):(\d+)")
 POOL = re.compile(r"\(([\d.]+) MiB KV pool\)")
 REPO = Path(__file__).resolve().parents[1]
@@ -114,7 +114,8 @@ class BenchServer:
         return self
 
     def scrape(self) -> dict[str, float]:
-        """The server's Prometheus metrics, summed over labels; {} when it serves none."""
+        """The server's Prometheus metrics, summed over labels (`name`) and per series
+        (`name{labels}`); {} when it serves none."""
         if not self.metrics_port:
             return {}
         try:
@@ -127,9 +128,12 @@ class BenchServer:
             if line.startswith("#") or not (m := SAMPLE.match(line.strip())):
                 continue
             try:
-                out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
+                value = float(m.group(3))
             except ValueError:
                 continue
+            out[m.group(1)] = out.get(m.group(1), 0.0) + value
+            if m.group(2):  # also each labelled series, e.g. name{stage="forward"}
+                out[m.group(1) + m.group(2)] = value
         return out
 
     def stop(self, timeout: float = 15.0) -> None:

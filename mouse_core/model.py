@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tensordict import TensorDict
 from torch import Tensor, nn
 
 from mouse_core.cache import AttentionPlan, KVCachePool
@@ -22,35 +21,82 @@ from mouse_core.config import TOKEN_TYPE, BackboneConfig, EmbeddingConfig, HeadC
 from mouse_core.sampling import sample_actions, vec_dqn_scores
 from mouse_core.steps import StepSchema, validate_steps
 
+if TYPE_CHECKING:  # tensordict is needed by `Model.forward` only, not for serving
+    from tensordict import TensorDict
+
 # oneDNN (through ideep) caches a primitive of about 0.6 MiB per input shape it sees, and a new
 # shape costs 0.5-1 ms to build, so the packed path serves a bounded set of shapes: up to 8 rows,
-# and multiples of 8 up to 256 (decode batches, where packing gains 10-40% on the wide linears).
-# Other inputs take the plain path, which is as fast as padding them to such a shape would be.
+# and multiples of 8 up to 256 (decode batches). Other inputs take the plain path. (A bound on
+# memory, not a speed rule: whether packed linears are used at all is the caller's choice, see
+# `Model.use_packed_linears`.)
 PACKED_MAX_ROWS = 256
 PACKED_ROW_STEP = 8
 
 
-class Linear(nn.Linear):
-    """`nn.Linear` that can run on a oneDNN pre-packed copy of its weight (see `pack_weights`)."""
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None, packed: Tensor | None) -> Tensor:
+    """`F.linear`, or oneDNN on the pre-packed `packed` copy of `weight` for the bounded shapes
+    (not under `torch.compile`, which packs weights itself)."""
+    if (
+        packed is not None
+        and not torch.compiler.is_compiling()
+        and _packed_rows(x.numel() // weight.shape[1])
+    ):
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return F.linear(x, weight, bias)
 
-    packed: Tensor | None = None
+
+def _packed_rows(rows: int) -> bool:
+    return 0 < rows <= PACKED_MAX_ROWS and (rows <= PACKED_ROW_STEP or rows % PACKED_ROW_STEP == 0)
+
+
+def pack_weight(weight: Tensor, batch_hint: int = 3) -> Tensor:
+    """A oneDNN pre-packed copy of a linear weight (see `can_pack_weights`)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` that can run on a oneDNN pre-packed copy of its weight (see `Model.pack_weights`)."""
+
+    packed: Tensor | None = None  # used when set: `packed_copy` while packing is on
+    packed_copy: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = x.numel() // self.in_features
-        packed_shape = rows <= PACKED_ROW_STEP or rows % PACKED_ROW_STEP == 0
-        if self.packed is not None and 0 < rows <= PACKED_MAX_ROWS and packed_shape:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.packed)
+
+
+class LinearWeights:
+    """An inference-only linear map built from module weights (e.g. q, k and v stacked)."""
+
+    __slots__ = ("bias", "packed", "packed_copy", "weight")
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        self.weight = weight.contiguous()
+        self.bias = bias
+        self.packed: Tensor | None = None  # used when set: `packed_copy` while packing is on
+        self.packed_copy: Tensor | None = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias, self.packed)
+
+    def add_to(self, residual: Tensor, x: Tensor) -> Tensor:
+        """`residual + self(x)` in one op (2-D inputs)."""
+        if self.packed is not None and not torch.compiler.is_compiling() and _packed_rows(x.shape[0]):
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, self.bias, "add")
+        if self.bias is not None:
+            return residual + F.linear(x, self.weight, self.bias)
+        return torch.addmm(residual, x, self.weight.t())
 
 
 def can_pack_weights(device: torch.device, dtype: torch.dtype) -> bool:
-    """oneDNN weight packing applies to CPU float32/bfloat16 when PyTorch is built with it."""
-    return (
-        device.type == "cpu"
-        and dtype in (torch.float32, torch.bfloat16)
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    )
+    """oneDNN weight packing applies to CPU float32 when PyTorch is built with it, and to
+    bfloat16 on CPUs with bfloat16 instructions (AVX512-BF16/AMX or AVX-NE-CONVERT)."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32
 
 
 class RMSNorm(nn.Module):
@@ -197,6 +243,9 @@ class StepEmbedder(nn.Module):
 # Decoder stack
 # --------------------------------------------------------------------------------------------
 class Attention(nn.Module):
+    """Grouped-query attention's parameters (`q_proj`, `k_proj`, `v_proj`, `o_proj`, Qwen3's
+    `q_norm`/`k_norm`); inference runs on the fused weights of `FusedLayer`."""
+
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
         assert cfg.head_dim is not None and cfg.num_key_value_heads is not None
@@ -212,23 +261,6 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
-
-    def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, pool: KVCachePool, plan: AttentionPlan, layer: int
-    ) -> Tensor:
-        n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        # RoPE on q and k at once: x * cos + rotate_half(x) * sin, with rotate_half(x) * sin
-        # written as roll(x) * sin_signed (the sign of sin's first half folded in).
-        qk = torch.cat((q, k), dim=1)
-        qk = qk * cos + qk.roll(self.head_dim // 2, dims=-1) * sin
-        q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
-        out = pool.attend(layer, plan, q, k, v)
-        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -252,27 +284,191 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_dim, cfg.rms_norm_eps)
 
 
+def _interleave_halves(weight: Tensor, heads: int, head_dim: int) -> Tensor:
+    """Reorder each head's output rows from HF's halves (x_i pairs with x_{i+hd/2}) to adjacent
+    pairs (2i, 2i+1), so RoPE becomes one complex multiply. Dot products of q and k are unchanged
+    by the same permutation of both."""
+    half = head_dim // 2
+    order = torch.stack((torch.arange(half), torch.arange(half) + half), dim=1).reshape(-1)
+    return weight.reshape(heads, head_dim, *weight.shape[1:])[:, order].reshape(weight.shape)
+
+
+def _rotate_pairs(x: Tensor, rotation: Tensor) -> Tensor:
+    """RoPE in place on `x` `[N, heads, hd/2, 2]` (adjacent pairs) by `rotation`: complex
+    `[N, 1, hd/2]` (see `Backbone.rope`), or its real view `[N, 1, hd/2, 2]` under `torch.compile`
+    (inductor generates no complex code; it fuses the real form)."""
+    if rotation.is_complex():
+        if x.dtype == torch.float32:
+            torch.view_as_complex(x).mul_(rotation)  # one op
+            return x
+        rotation = torch.view_as_real(rotation)  # no complex bfloat16: rotate in float32
+    cos, sin = rotation.unbind(-1)
+    a, b = x.float().unbind(-1)
+    return x.copy_(torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1))
+
+
+class FusedLayer:
+    """One decoder layer's weights laid out for inference: q, k, v in one matmul (q and k rows in
+    RoPE pair order), gate and up in one matmul. Built from the module parameters by
+    `Backbone.fused_layers` (the parameters stay the checkpoint's)."""
+
+    def __init__(self, layer: DecoderLayer) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        h, kvh, hd = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        q, k = attn.q_proj, attn.k_proj
+        weight = torch.cat(
+            (_interleave_halves(q.weight, h, hd), _interleave_halves(k.weight, kvh, hd), attn.v_proj.weight)
+        )
+        bias = None
+        if q.bias is not None and k.bias is not None and attn.v_proj.bias is not None:
+            bias = torch.cat(
+                (_interleave_halves(q.bias, h, hd), _interleave_halves(k.bias, kvh, hd), attn.v_proj.bias)
+            )
+        self.qkv = LinearWeights(weight, bias)
+        self.o = LinearWeights(attn.o_proj.weight, attn.o_proj.bias)
+        self.gate_up = LinearWeights(torch.cat((mlp.gate_proj.weight, mlp.up_proj.weight)))
+        self.down = LinearWeights(mlp.down_proj.weight)
+        self.input_norm = layer.input_layernorm.weight
+        self.post_norm = layer.post_attention_layernorm.weight
+        self.eps = layer.input_layernorm.eps
+        self.qk_norm: Tensor | None = None  # [H + Hkv, hd] per-head norm weights, pair order
+        if attn.q_norm is not None and attn.k_norm is not None:
+            pair = lambda w: _interleave_halves(w, 1, hd)  # noqa: E731
+            self.qk_norm = torch.cat(
+                (pair(attn.q_norm.weight).expand(h, hd), pair(attn.k_norm.weight).expand(kvh, hd))
+            ).float()
+            self.qk_norm_eps = attn.q_norm.eps
+        self.intermediate = mlp.gate_proj.out_features
+        self.head_dim, self.qk_width = hd, (h + kvh) * hd
+
+    @property
+    def linears(self) -> tuple[LinearWeights, ...]:
+        return self.qkv, self.o, self.gate_up, self.down
+
+    def _tensors(self) -> list[Tensor | None]:
+        return [self.qkv.weight, self.qkv.bias, self.gate_up.weight, self.qk_norm]
+
+    def update_from(self, other: FusedLayer) -> bool:
+        """Copy `other`'s values into this layer's tensors in place (dropping packed copies);
+        False when their shapes, dtypes or devices differ (then nothing is copied)."""
+        pairs = list(zip(self._tensors(), other._tensors(), strict=True))
+
+        def layout(t: Tensor | None) -> tuple[Any, ...] | None:
+            return None if t is None else (t.shape, t.dtype, t.device)
+
+        if any(layout(mine) != layout(theirs) for mine, theirs in pairs):
+            return False
+        for mine, theirs in pairs:
+            if mine is not None and theirs is not None:
+                mine.copy_(theirs)
+        # o, down and the norms are the parameters themselves (already updated in place).
+        self.o, self.down = other.o, other.down
+        self.input_norm, self.post_norm = other.input_norm, other.post_norm
+        for lin in self.linears:
+            lin.packed = lin.packed_copy = None
+        return True
+
+
 class Backbone(nn.Module):
     """Pre-norm decoder stack without token embedding or final norm."""
 
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
-        assert cfg.head_dim is not None
+        assert cfg.head_dim is not None and cfg.num_key_value_heads is not None
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(1, cfg.hidden_dim)  # in checkpoints, never used
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._fused: list[FusedLayer] | None = None
+        self._fused_key: tuple[tuple[int, int], ...] = ()
+        self.packed_linears = False
+        self.use_compiled = False
+        self._compiled: tuple[Any, Any] | None = None
+
+    def _weights_key(self) -> tuple[tuple[int, int], ...]:
+        # In-place updates bump a tensor's version; replacing `.data` changes its pointer.
+        return tuple((p._version, p.data_ptr()) for p in self.layers.parameters())
+
+    @torch.no_grad()
+    def fused_layers(self) -> list[FusedLayer]:
+        """The inference weights, refreshed when a parameter changed since they were built:
+        copied into the same tensors (captured CUDA graphs and compiled code keep using them)."""
+        key = self._weights_key()
+        if self._fused is None or key != self._fused_key:
+            fresh = [FusedLayer(layer) for layer in self.layers]  # type: ignore[arg-type]
+            if self._fused is None or not all(
+                a.update_from(b) for a, b in zip(self._fused, fresh, strict=True)
+            ):
+                self._fused = fresh
+            self._fused_key = key
+            self._set_packed(self.packed_linears)
+        return self._fused
+
+    def _set_packed(self, on: bool) -> None:
+        self.packed_linears = on
+        for fused in self._fused or ():
+            for lin in fused.linears:
+                if on and lin.packed_copy is None:
+                    lin.packed_copy = pack_weight(lin.weight)
+                lin.packed = lin.packed_copy if on else None
+
+    def drop_fused(self) -> None:
+        self._fused, self._fused_key = None, ()
+
+    def rope(self, positions: Tensor) -> Tensor:
+        """RoPE rotations at `positions`: `[Ntok, 1, hd/2]` complex64 (cos + i sin, float32 as HF)."""
+        angles = positions.float()[:, None, None] * self.inv_freq
+        return torch.polar(torch.ones_like(angles), angles)
+
+    def compile_dense(self, on: bool = True) -> None:
+        """Run each layer's dense parts (norms, linears, RoPE, MLP) through `torch.compile`
+        (`dynamic=True`: one graph for every batch shape); attention and the KV writes stay eager.
+        Compiling takes a while on first use (inductor's on-disk cache keeps it for restarts)."""
+        if on and self._compiled is None:
+            self._compiled = (
+                torch.compile(_before_attention, dynamic=True),
+                torch.compile(_after_attention, dynamic=True),
+            )
+        self.use_compiled = on
 
     def forward(self, x: Tensor, pool: KVCachePool, plan: AttentionPlan) -> Tensor:
-        angles = plan.positions.float()[:, None] * self.inv_freq  # [Ntok, hd/2], float32 as HF
-        sin = angles.sin()
-        cos = torch.cat((angles.cos(),) * 2, dim=-1)[:, None, :].to(x.dtype)
-        sin = torch.cat((-sin, sin), dim=-1)[:, None, :].to(x.dtype)  # signed for roll(), see Attention
-        for i, layer in enumerate(self.layers):
-            x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, pool, plan, i)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        cfg = self.cfg
+        n = x.shape[0]
+        kv_heads, hd = cfg.num_key_value_heads, cfg.head_dim
+        assert kv_heads is not None and hd is not None
+        q_width = cfg.num_heads * hd
+        before, after = self._compiled if self.use_compiled and self._compiled else _EAGER
+        rotation = self.rope(plan.positions)
+        if before is not _before_attention:
+            rotation = torch.view_as_real(rotation)
+        for i, layer in enumerate(self.fused_layers()):
+            qkv = before(layer, x, rotation)
+            out = pool.attend(i, plan, qkv[:, :q_width], qkv[:, q_width:].view(n, 2, kv_heads, hd))
+            x = after(layer, x, out)
         return x
+
+
+def _before_attention(layer: FusedLayer, x: Tensor, rotation: Tensor) -> Tensor:
+    """Input norm, q/k/v projection, Qwen3's q/k norms and RoPE: the `[Ntok, (H + 2 Hkv) hd]`
+    projection with q and k rotated (pair order, see `_interleave_halves`)."""
+    qkv = layer.qkv(F.rms_norm(x, (x.shape[1],), layer.input_norm, layer.eps))
+    qk = qkv[:, : layer.qk_width].view(x.shape[0], -1, layer.head_dim // 2, 2)
+    if layer.qk_norm is not None:
+        normed = F.rms_norm(qk.float().flatten(-2), (layer.head_dim,), None, layer.qk_norm_eps)
+        qk.copy_(normed.mul_(layer.qk_norm).view(qk.shape))
+    _rotate_pairs(qk, rotation)
+    return qkv
+
+
+def _after_attention(layer: FusedLayer, x: Tensor, attended: Tensor) -> Tensor:
+    """Output projection and residual, then the SwiGLU MLP block and residual."""
+    x = layer.o.add_to(x, attended)
+    gate, up = layer.gate_up(F.rms_norm(x, (x.shape[1],), layer.post_norm, layer.eps)).chunk(2, dim=-1)
+    return layer.down.add_to(x, F.silu(gate).mul_(up))
+
+
+_EAGER = (_before_attention, _after_attention)
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,7 +593,9 @@ class Model(nn.Module):
 
     def to_backbone_dtype(self, dtype: torch.dtype) -> Model:
         """Cast the decoder stack to `dtype`; embedder and heads stay float32 (small, precise)."""
+        self.unpack_weights()
         if self.backbone is not None:
+            self.backbone.drop_fused()
             for param in self.backbone.parameters():  # buffers (RoPE frequencies) stay float32
                 param.data = param.data.to(dtype)
         return self
@@ -466,6 +664,8 @@ class Model(nn.Module):
         same `B` sequences; the outputs then equal one forward over all steps so far.
         `cache_position`, when given, must be the token positions of these steps.
         """
+        from tensordict import TensorDict
+
         if isinstance(step_stream, TensorDict):
             batch_shape = tuple(step_stream.batch_size)
         else:
@@ -576,29 +776,63 @@ class Model(nn.Module):
             ),
         )
 
-    def pack_weights(self, batch_hint: int = 3) -> bool:
-        """Pre-pack every linear weight for oneDNN (CPU inference; 10-40% faster on the wide linears).
+    # -- execution -----------------------------------------------------------------------------
+    @property
+    def packed_linears(self) -> bool:
+        """Whether linears run on oneDNN pre-packed weights (see `use_packed_linears`)."""
+        return any(m.packed is not None for m in self.modules() if isinstance(m, Linear)) or bool(
+            self.backbone is not None and self.backbone.packed_linears
+        )
 
-        Call it once the model is on its final device and dtype and its weights are final;
-        moving the model, loading a state dict or `polyak_update` drop the packed copies.
-        Returns whether packing applied (CPU float32/bfloat16 with oneDNN).
+    def can_pack_linears(self) -> bool:
+        """Whether oneDNN weight packing applies here (CPU float32/bfloat16 with oneDNN)."""
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        return bool(linears) and all(can_pack_weights(m.weight.device, m.weight.dtype) for m in linears)
+
+    @torch.no_grad()
+    def use_packed_linears(self, on: bool) -> bool:
+        """Run linears on oneDNN pre-packed copies of their weights (`on`) or on the weights
+        themselves. The copies are made on first use and kept, so switching back and forth is
+        cheap. Which is faster depends on the machine and the batch: the server measures it.
+        Returns whether packed linears are now in use (False where packing does not apply).
+        """
+        on = on and self.can_pack_linears()
+        for m in self.modules():
+            if isinstance(m, Linear):
+                if on and getattr(m, "packed_copy", None) is None:
+                    m.packed_copy = pack_weight(m.weight)
+                m.packed = m.packed_copy if on else None
+        if self.backbone is not None:
+            self.backbone.packed_linears = on
+            self.backbone.fused_layers()
+            self.backbone._set_packed(on)
+        return on
+
+    def pack_weights(self, batch_hint: int = 3) -> bool:
+        """Pre-pack every linear weight for oneDNN and use the packed copies (CPU inference).
+
+        Call it once the model is on its final device and dtype; moving the model, loading a
+        state dict or `polyak_update` drop the packed copies. Returns whether packing applied.
         """
         self.unpack_weights()
-        linears = [m for m in self.modules() if isinstance(m, Linear)]
-        if not linears or not all(can_pack_weights(m.weight.device, m.weight.dtype) for m in linears):
-            return False
-        for m in linears:
-            m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), batch_hint)
-        return True
+        return self.use_packed_linears(True)
 
     def unpack_weights(self) -> None:
-        """Drop packed weight copies; linears use their parameters again."""
+        """Drop packed weight copies; linears use their weights."""
         for m in self.modules():
             if isinstance(m, Linear):
                 m.packed = None
+                m.packed_copy = None
+        if self.backbone is not None:
+            self.backbone.packed_linears = False
+            for fused in self.backbone._fused or ():
+                for lin in fused.linears:
+                    lin.packed = lin.packed_copy = None
 
     def _apply(self, fn: Any, recurse: bool = True) -> Model:
         self.unpack_weights()
+        if self.backbone is not None:
+            self.backbone.drop_fused()  # the weights may move to another device or dtype
         return super()._apply(fn, recurse)
 
     def load_state_dict(
@@ -617,11 +851,12 @@ class Model(nn.Module):
         unknown = sorted(set(state) - set(own))
         if unknown:
             raise KeyError(f"not weights of this model: {unknown[:8]}")
-        packed = any(isinstance(m, Linear) and m.packed is not None for m in self.modules())
+        packed = self.packed_linears
         for key, value in state.items():
             own[key].copy_(value)
+        self.unpack_weights()  # stale copies; the fused weights refresh in place on next use
         if packed:
-            self.pack_weights()
+            self.use_packed_linears(True)
 
     def polyak_update(self, dqn_tau: float = 0.0, vec_dqn_tau: float = 0.0) -> None:
         """Soft-update the target heads towards their online heads."""

@@ -119,7 +119,28 @@ def model_info(runner: ModelRunner, max_steps_per_request: int) -> pb.ModelInfo:
         max_steps_per_request=max_steps_per_request,
         model_version=runner.version,
         model_tag=runner.tag,
+        execution=execution_choices(runner),
     )
+
+
+def execution_choices(runner: ModelRunner) -> list[pb.ExecutionChoice]:
+    """The start-up measurement's choice per batch shape; without one (pinned or skipped), the
+    single path every shape runs, as rows 0 and context 0."""
+    choices = runner.execution_choices
+    if not choices:
+        return [pb.ExecutionChoice(path=str(runner.table.default))]
+    return [
+        pb.ExecutionChoice(
+            rows=c.rows,
+            context_steps=c.context_steps,
+            path=str(c.path),
+            step_ms=c.step_ms,
+            candidates=[
+                f"{path}={ms:.3f}ms" for path, ms in sorted(c.candidates.items(), key=lambda x: x[1])
+            ],
+        )
+        for c in choices
+    ]
 
 
 def open_reply(session: Session, info: pb.ModelInfo) -> pb.OpenSessionResponse:

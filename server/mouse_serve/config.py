@@ -100,6 +100,32 @@ def _file(text: str) -> Path:
     return path
 
 
+def _writable_file(text: str) -> Path:
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{text} is a folder; expected a file")
+    if not path.parent.is_dir():
+        raise ValueError(f"there is no folder {path.parent}")
+    return path
+
+
+def _writable_dir(text: str) -> Path:
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{text} is a file; expected a folder")
+    return path
+
+
+def _execution_path(text: str) -> str:
+    from mouse_serve.autotune import ExecutionPath  # torch-free
+
+    try:
+        ExecutionPath.parse(text, cuda=text.strip() in ("graphs", "eager"))
+    except ValueError as exc:
+        raise ValueError(str(exc).removesuffix(".")) from None
+    return text.strip()
+
+
 def _models(text: str) -> tuple[ModelSpec, ...]:
     return tuple(ModelSpec.parse(part.strip()) for part in text.split(",") if part.strip())
 
@@ -146,6 +172,41 @@ class ServerConfig:
         "fixed-shape decode steps captured in CUDA graphs: auto (on with CUDA), on, off; "
         "'on' without CUDA runs the same fixed shapes eagerly",
         choices=("auto", "on", "off"),
+    )
+    autotune: str = setting(
+        "on",
+        "measure the execution paths (packed or plain linears, thread counts, compiled blocks; "
+        "CUDA graphs or eager) per batch shape when a model loads and use the fastest; off: all "
+        "threads with packed linears (CPU), graphs (CUDA)",
+        choices=("on", "off"),
+    )
+    autotune_cache: Path | None = setting(
+        None,
+        "JSON file that keeps the start-up measurement; a restart with the same model, machine "
+        "and settings reads it instead of measuring again",
+        _writable_file,
+        metavar="PATH",
+    )
+    execution: str = setting(
+        "",
+        "one execution path for every batch shape instead of measuring, e.g. packed,threads=2 or "
+        "plain,threads=1 (CPU; add ,compiled with --compile on), graphs or eager (CUDA)",
+        _execution_path,
+        metavar="PATH",
+        shown_default="(measured)",
+    )
+    compile: str = setting(
+        "off",
+        "CPU: also measure each layer's dense blocks compiled by torch.compile (attention stays "
+        "eager) and use them where faster; the first start compiles for a minute or more",
+        choices=("off", "on"),
+    )
+    compile_cache: Path | None = setting(
+        None,
+        "folder for inductor's on-disk cache of --compile on, so a restart loads the compiled "
+        "code instead of compiling again (default: inductor's, in the temp folder)",
+        _writable_dir,
+        metavar="DIR",
     )
     max_sessions: int = setting(
         64,

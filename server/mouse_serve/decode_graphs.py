@@ -38,7 +38,9 @@ def bucket_length(tokens: int, limit: int) -> int:
 class DecodeGraph:
     """One (rows, length) bucket: static input buffers, the plan, and (on CUDA) the graph."""
 
-    def __init__(self, model: Model, pool: KVCachePool, rows: int, length: int, capture: bool) -> None:
+    def __init__(
+        self, model: Model, pool: KVCachePool, rows: int, length: int, capture_pool: object | None
+    ) -> None:
         self.model, self.pool, self.rows = model, pool, rows
         dev = model.device
         self.plan = pool.decode_plan(rows, length, model.tokens_per_step)
@@ -54,15 +56,15 @@ class DecodeGraph:
         self.num_actions = torch.full((rows,), model.max_num_actions, device=dev)
         self.uniform = torch.zeros(rows, dtype=torch.float64, device=dev)
         self.graph: torch.cuda.CUDAGraph | None = None
-        if capture:
-            self._capture()
+        if capture_pool is not None:
+            self._capture(capture_pool)
 
     @torch.inference_mode()
     def _compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         scores = self.model.score_steps(self.steps, self.pool, self.plan, None)
         return scores, sample_actions(scores, self.temperature, self.num_actions, self.uniform)
 
-    def _capture(self) -> None:
+    def _capture(self, pool_handle: object) -> None:
         # Scratch-only rows so warm-up and capture write nothing into live sequences.
         self.plan.token_slot.fill_(self.pool.scratch_slot)
         self.plan.positions.copy_(torch.arange(self.rows * self.plan.max_new) % self.plan.max_new)
@@ -73,11 +75,15 @@ class DecodeGraph:
             for _ in range(3):  # warm-up: lazy initialisation must not happen during capture
                 self.plan.mask = None
                 self._compute()
-        torch.cuda.current_stream().wait_stream(side)
+        side.synchronize()
         self.plan.mask = None
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        graph = torch.cuda.CUDAGraph()
+        # Captured on the same side stream as the warm-up, into the runner's one memory pool;
+        # "thread_local" so another runner thread using the GPU meanwhile does not break it.
+        with torch.cuda.graph(graph, pool=pool_handle, stream=side, capture_error_mode="thread_local"):
             self.outputs = self._compute()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = graph
 
     def run(
         self,
@@ -103,14 +109,36 @@ class DecodeGraph:
 
 
 class DecodeGraphs:
-    """The buckets of one model runner, built on first use."""
+    """The buckets of one model runner, built on first use.
+
+    On CUDA all buckets share one graph memory pool. If a capture fails, the failure is logged
+    once and every later batch runs eagerly (`run` returns None), instead of retrying it.
+    """
 
     def __init__(self, model: Model, pool: KVCachePool, capture: bool) -> None:
         self.model, self.pool, self.capture = model, pool, capture
         self._graphs: dict[tuple[int, int], DecodeGraph] = {}
+        self._memory_pool = torch.cuda.graph_pool_handle() if capture else None
+        self.failed: str | None = None  # why capturing stopped
+
+    def prepare(self, rows: int, max_tokens: int) -> None:
+        """Build (capture) now every length bucket up to `max_tokens` for batches on slots
+        `0..rows-1`, so that none is captured inside a timed step (the bench's floor)."""
+        rows = bucket_rows(rows, self.pool.num_slots + 1)
+        length = MIN_LENGTH_BUCKET
+        while True:
+            length = bucket_length(length, self.pool.max_tokens)
+            if (rows, length) not in self._graphs and self.failed is None:
+                memory = self._memory_pool if self.capture else None
+                self._graphs[(rows, length)] = DecodeGraph(self.model, self.pool, rows, length, memory)
+            if length >= min(max_tokens, self.pool.max_tokens):
+                return
+            length *= 2
 
     def fits(self, slots: np.ndarray, num_steps: np.ndarray) -> bool:
         """Whether a batch is a plain decode step (one step per session) that fits the pool."""
+        if self.failed is not None:
+            return False
         room = self.pool.lengths[slots] + self.model.tokens_per_step <= self.pool.max_tokens
         return bool((num_steps == 1).all() and room.all())
 
@@ -121,8 +149,9 @@ class DecodeGraphs:
         temperature: np.ndarray,
         num_actions: np.ndarray,
         uniform: np.ndarray,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode step for `slots` (fields `[n, ...]`); returns (scores, actions) `[n]`."""
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One decode step for `slots` (fields `[n, ...]`); returns (scores, actions) `[n]`, or
+        None when the bucket's graph could not be captured (the caller runs eagerly)."""
         pool = self.pool
         order = np.argsort(slots)
         rows = bucket_rows(int(slots.max()) + 1, pool.num_slots + 1)
@@ -136,7 +165,16 @@ class DecodeGraphs:
                 length,
                 "CUDA graph" if self.capture else "eager",
             )
-            graph = self._graphs[(rows, length)] = DecodeGraph(self.model, pool, rows, length, self.capture)
+            try:
+                graph = DecodeGraph(self.model, pool, rows, length, self._memory_pool)
+            except Exception as exc:
+                if not self.capture:
+                    raise
+                self.failed = f"{type(exc).__name__}: {exc}"
+                log.exception("capturing the decode graph failed; decode steps run eagerly from now on")
+                torch.cuda.synchronize()
+                return None
+            self._graphs[(rows, length)] = graph
         scores, actions = graph.run(
             slots[order],
             {k: v[order] for k, v in fields.items()},

@@ -15,6 +15,7 @@ from mouse_serve.scheduler import BatchStats
 if TYPE_CHECKING:
     from mouse_serve.runner import ModelRunner
 
+STAGE_BUCKETS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
@@ -93,7 +94,25 @@ class Metrics:
             registry=r,
         )
         self._request_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self.stage_time = Histogram(
+            "mouse_request_stage_seconds",
+            "Where requests spend their time, by stage. Per request: decode and encode (protobuf), "
+            "validate (checks, session lookup), step (everything from the session's bookkeeping to "
+            "the result: it contains queue and the batch stages), reply (building the reply). Per "
+            "batched forward: handoff (to and from the runner thread), pack (inputs to tensors), "
+            "forward, sample (actions to the host), unpack (results).",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self._stage_children: dict[str, Any] = {}
         self._http = None
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        child = self._stage_children.get(stage)
+        if child is None:
+            child = self._stage_children[stage] = self.stage_time.labels(stage)
+        child.observe(seconds)
 
     def model_loaded(self, runner: ModelRunner) -> None:
         name = runner.spec.name
@@ -145,6 +164,8 @@ class Metrics:
         waits = self.queue_wait.labels(stats.model)
         for wait in stats.queue_wait_s:
             waits.observe(wait)
+        for stage, seconds in stats.stages.items():
+            self.observe_stage(stage, seconds)
 
     def session_event(self, event: str, model: str) -> None:
         self.session_events.labels(model, event).inc()

@@ -29,11 +29,11 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 
 from mouse_serve.errors import deadline_exceeded
-from mouse_serve.runner import ModelRunner, WorkItem, WorkResult
+from mouse_serve.runner import ModelRunner, RunnerExecutor, WorkItem, WorkResult
 
 log = logging.getLogger(__name__)
 OVERDUE = 2.0  # a session later than twice its usual turnaround has stopped stepping for now
@@ -50,6 +50,7 @@ class BatchStats:
     queue_wait_s: list[float]  # of the requests it finished
     model_time_s: float
     actions: int  # requests it finished (the others were a prefill's leading chunks)
+    stages: dict[str, float] = field(default_factory=dict)  # handoff and the runner's stages
 
 
 @dataclass
@@ -97,7 +98,7 @@ class Scheduler:
         self._prefill_next = False  # alternate between the two kinds when both wait
         self._wake = asyncio.Event()
         self._own_executor = executor is None
-        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix=f"runner-{runner.spec.name}")
+        self._executor = executor or RunnerExecutor()
         self._task: asyncio.Task[None] | None = None
 
     # -- slots ----------------------------------------------------------------------------------
@@ -219,6 +220,19 @@ class Scheduler:
         steps = {k: v[start:stop] for k, v in item.steps.items()}
         return replace(item, steps=steps, num_steps=stop - start, reset=item.reset and start == 0)
 
+    def _run_inline(self, items: list[WorkItem]) -> bool:
+        """Whether to run this batch on the event loop's thread: one decode step while nothing
+        else waits and the runner thread is idle (a single session stepping alone), where the
+        hand-offs to and from the runner thread would cost more than blocking the loop briefly."""
+        executor = self._executor
+        return (
+            len(items) == 1
+            and items[0].num_steps == 1
+            and not self.queue_length
+            and isinstance(executor, RunnerExecutor)
+            and executor.idle
+        )
+
     async def _await_stragglers(self) -> None:
         """Wait (briefly) for sessions whose next step is due about now."""
         budget = min(self.max_batch_wait_s, 0.5 * self._forward_s)
@@ -254,16 +268,23 @@ class Scheduler:
             if not batch:
                 continue
             started = time.monotonic()
+            handed = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self._executor, self.runner.run, items)
+                if self._run_inline(items):
+                    results = self.runner.run(items)
+                else:
+                    results = await loop.run_in_executor(self._executor, self.runner.run, items)
             except Exception as exc:
                 log.exception("forward of %d item(s) failed", len(batch))
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(exc)
                 continue
+            back = time.perf_counter()
             done = time.monotonic()
             elapsed = done - started
+            timing = self.runner.timing
+            stages = {**timing.stages, "handoff": (timing.started - handed) + (back - timing.ended)}
             self._forward_s = _average(self._forward_s, elapsed)
             if all(i.num_steps == 1 for i in items):
                 self._decode_s = _average(self._decode_s, elapsed)
@@ -292,6 +313,7 @@ class Scheduler:
                         [started - p.queued_at for p in finished],
                         elapsed,
                         len(finished),
+                        stages,
                     )
                 )
 

@@ -9,7 +9,6 @@ import logging
 import signal
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,7 +19,7 @@ from mouse_serve.auth import TokenAuth
 from mouse_serve.config import ServerConfig
 from mouse_serve.memory import release_free_memory
 from mouse_serve.metrics import Metrics
-from mouse_serve.runner import ModelRunner
+from mouse_serve.runner import ModelRunner, RunnerExecutor
 from mouse_serve.scheduler import Scheduler
 from mouse_serve.service import ActionService, add_to_server
 from mouse_serve.sessions import ContextPolicy, SessionManager, UpdatePolicy
@@ -58,6 +57,11 @@ def load_runners(config: ServerConfig) -> dict[str, ModelRunner]:
             prefill_chunk_steps=config.prefill_chunk_steps,
             threads=config.threads,
             decode_graphs=config.decode_graphs,
+            compile=config.compile,
+            compile_cache=config.compile_cache,
+            autotune=config.autotune,
+            autotune_cache=config.autotune_cache,
+            execution=config.execution or None,
         )
         for spec in config.models
     }
@@ -72,7 +76,7 @@ class Server:
         self.metrics = Metrics()
         # One runner thread for every model: forwards never overlap, so per-forward CPU thread
         # settings of one model cannot change another's mid-forward.
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="runner")
+        self.executor = RunnerExecutor()
         self.schedulers = {}
         for name, runner in runners.items():
             self.metrics.model_loaded(runner)

@@ -87,14 +87,29 @@ class Malformed:
         )
 
 
-def _parser(message: type[Message]) -> Callable[[bytes], Message | Malformed]:
+def _parser(
+    message: type[Message], observe: Callable[[str, float], None]
+) -> Callable[[bytes], Message | Malformed]:
     def parse(data: bytes) -> Message | Malformed:
+        started = time.perf_counter()
         try:
             return message.FromString(data)
         except DecodeError as exc:
             return Malformed(message.DESCRIPTOR.full_name, exc)
+        finally:
+            observe("decode", time.perf_counter() - started)
 
     return parse
+
+
+def _serializer(observe: Callable[[str, float], None]) -> Callable[[Message], bytes]:
+    def serialize(reply: Message) -> bytes:
+        started = time.perf_counter()
+        data = reply.SerializeToString()
+        observe("encode", time.perf_counter() - started)
+        return data
+
+    return serialize
 
 
 def add_to_server(service: ActionService, server: grpc.aio.Server) -> None:
@@ -103,7 +118,7 @@ def add_to_server(service: ActionService, server: grpc.aio.Server) -> None:
     descriptor = pb.DESCRIPTOR.services_by_name["ActionService"]
     handlers = {}
     for method in descriptor.methods:
-        request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        request = getattr(pb, method.input_type.name)
         factory = {
             (False, False): grpc.unary_unary_rpc_method_handler,
             (True, False): grpc.stream_unary_rpc_method_handler,
@@ -111,8 +126,8 @@ def add_to_server(service: ActionService, server: grpc.aio.Server) -> None:
         }[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = factory(
             getattr(service, method.name),
-            request_deserializer=_parser(request),
-            response_serializer=response.SerializeToString,
+            request_deserializer=_parser(request, service.metrics.observe_stage),
+            response_serializer=_serializer(service.metrics.observe_stage),
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
     server.add_registered_method_handlers(descriptor.full_name, handlers)
@@ -257,12 +272,14 @@ class ActionService(pb_grpc.ActionServiceServicer):
     async def _get_action(
         self, req: pb.GetActionRequest, owner: str | None, deadline: float | None, bounded: bool = True
     ) -> pb.GetActionResponse:
+        started = time.perf_counter()
         try:
             session = self.sessions.get(req.session_id, owner)
             runner = self.sessions.runners[session.model]
             steps, n = decode_steps(
                 req.steps, runner.model.step_schema, session.model, self.max_steps_per_request
             )
+            validated = time.perf_counter()
             result = await self.sessions.step(
                 session,
                 req.seq,
@@ -278,7 +295,13 @@ class ActionService(pb_grpc.ActionServiceServicer):
         except ServiceError as err:
             err.add(session_id=req.session_id or None, seq=req.seq)
             raise
-        return action_reply(result)
+        stepped = time.perf_counter()
+        reply = action_reply(result)
+        observe = self.metrics.observe_stage
+        observe("validate", validated - started)
+        observe("step", stepped - validated)
+        observe("reply", time.perf_counter() - stepped)
+        return reply
 
     def _model_info(self, name: str) -> pb.ModelInfo:
         return model_info(self.sessions.runner(name), self.max_steps_per_request)

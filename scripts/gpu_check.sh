@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# One-command GPU acceptance check (issue 11): on a machine with one NVIDIA GPU, in about 5 minutes
+#   1. the GPU, its driver, torch and the Python packages (wheels from .whl/ where missing; no network)
+#   2. SDPA on CUDA: the default backend against the math backend on the decode and prefill shapes
+#   3. the golden end-to-end tests through a CUDA server in float32 (actions exact), with the
+#      captured decode graphs on (and the start-up measurement choosing graphs or eager)
+#   4. bfloat16: the share of the golden greedy actions a bfloat16 server agrees with
+#   5. bench/run.py --device cuda --quick --shapes mid,large (b up to 1,024 sessions)
+# and prints one table (card, driver, torch, every figure) and writes it beside the bench results.
+#
+#   bash scripts/gpu_check.sh                 # on the GPU machine, from a checkout (or a copy of one)
+#   OUT=dir bash scripts/gpu_check.sh         # where the table, logs and JSON go (default bench/results/gpu-check-<time>)
+#
+# Without a CUDA GPU it stops within seconds with exit code 2 and says why. MOUSE_GPU_CHECK_DEVICE=cpu
+# runs the same steps on the CPU (tests/ops/test_gpu_check.py does, with MOUSE_GPU_CHECK_TESTS
+# selecting a few golden tests (a pytest -k expression) and MOUSE_GPU_CHECK_BENCH_ARGS a tiny bench). Exit code 0 when the
+# golden tests passed and the bench ran.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+DEVICE=${MOUSE_GPU_CHECK_DEVICE:-cuda}
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+OUT=${OUT:-$ROOT/bench/results/gpu-check-$STAMP}
+mkdir -p "$OUT"
+# Python: the project's venv when there is one, else the machine's python3 (the lent GPU image).
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+say() { echo "[gpu_check $(date -u +%H:%M:%S)] $*" >&2; }
+fail() { say "FAILED: $*"; exit "${2:-1}"; }
+
+# 1. The GPU first: fail fast and clearly without one.
+if [ "$DEVICE" = cuda ]; then
+  command -v nvidia-smi >/dev/null 2>&1 || fail "no NVIDIA GPU here (nvidia-smi not found); this check needs one" 2
+  nvidia-smi -L >/dev/null 2>&1 || fail "nvidia-smi finds no GPU (driver not loaded?)" 2
+  "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null \
+    || fail "torch ($("$PY" -c 'import torch; print(torch.__version__)' 2>&1 | tail -1)) sees no CUDA device" 2
+fi
+
+# Carried wheels (no network on the GPU machine): install them for this run only.
+if compgen -G ".whl/*.whl" >/dev/null; then
+  SITE=${MOUSE_GPU_CHECK_SITE:-/tmp/mouse-gpu-check-site}
+  say "installing $(ls .whl/*.whl | wc -l) carried wheel(s) into $SITE"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+    || fail "installing the wheels in .whl/ failed"
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
+# The project from this tree, uninstalled.
+export PYTHONPATH="$ROOT:$ROOT/server:$ROOT/client${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+
+"$PY" scripts/gpu_check.py probe --device "$DEVICE" --out "$OUT/probe.json" || fail "missing packages (see above)"
+
+# 2. SDPA backends on the model's shapes.
+"$PY" scripts/gpu_check.py sdpa --device "$DEVICE" --out "$OUT/sdpa.json" 2>&1 | tee "$OUT/sdpa.log" >&2
+
+# 3. Golden end-to-end tests on the device in float32, graphs on.
+say "golden end-to-end tests on $DEVICE, float32"
+MOUSE_TEST_DEVICE=$DEVICE MOUSE_TEST_DTYPE=float32 timeout 300 "$PY" -m pytest -q -p no:cacheprovider \
+  tests/server/test_golden_e2e.py -o addopts="" --junitxml="$OUT/golden_e2e.xml" -k "${MOUSE_GPU_CHECK_TESTS:-}" \
+  >"$OUT/golden_e2e.log" 2>&1
+echo $? >"$OUT/golden_e2e.rc"
+tail -3 "$OUT/golden_e2e.log" >&2
+
+# 4. bfloat16: agreement with the golden greedy actions.
+say "bfloat16 agreement with the golden greedy actions"
+timeout 180 "$PY" scripts/gpu_check.py agreement --device "$DEVICE" --dtype bfloat16 --out "$OUT/bf16.json" \
+  >"$OUT/bf16.log" 2>&1 || say "bfloat16 agreement failed (see $OUT/bf16.log)"
+
+# 5. The bench.
+say "bench/run.py --device $DEVICE --quick"
+BENCH_ARGS=${MOUSE_GPU_CHECK_BENCH_ARGS:---quick --shapes mid,large --skip-reference}
+# shellcheck disable=SC2086
+timeout 420 "$PY" bench/run.py --device "$DEVICE" $BENCH_ARGS --out "$OUT/bench.json" >"$OUT/bench.md" 2>"$OUT/bench.log" \
+  || say "the bench failed (see $OUT/bench.log)"
+
+"$PY" scripts/gpu_check.py table --out "$OUT" | tee "$OUT/table.md"

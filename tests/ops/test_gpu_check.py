@@ -1,0 +1,67 @@
+"""scripts/gpu_check.sh: fails fast and clearly without a GPU, and runs every step on the CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "scripts" / "gpu_check.sh"
+
+
+def run(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    started = time.monotonic()
+    result = subprocess.run(
+        ["bash", str(SCRIPT)],
+        cwd=REPO,
+        env={**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path), **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return result, time.monotonic() - started
+
+
+def test_fails_fast_and_clearly_without_a_gpu(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result, seconds = run(tmp_path, PATH=f"{tmp_path}:/usr/bin:/bin")  # no nvidia-smi on PATH
+    assert result.returncode == 2, result.stderr
+    assert "FAILED: no NVIDIA GPU here (nvidia-smi not found); this check needs one" in result.stderr
+    assert seconds < 30
+
+
+def test_every_step_runs_on_the_cpu(tmp_path: Path) -> None:
+    """The CPU stand-in: probe, SDPA check, a golden end-to-end test, bfloat16 agreement, a tiny
+    bench, and the one table."""
+    bench = (
+        "--quick --shapes mid --skip-reference --sessions 1,2 --batches 1,2 --histories 4,8 "
+        "--rpcs batched --workers 1 --warmup 1 --measure 2 --e-warmup 1 --e-measure 2 "
+        "--execution plain,threads=1"
+    )
+    result, _ = run(
+        tmp_path,
+        MOUSE_GPU_CHECK_DEVICE="cpu",
+        MOUSE_GPU_CHECK_TESTS="test_one_step_at_a_time and llama_sum_dqn",
+        MOUSE_GPU_CHECK_BENCH_ARGS=bench,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = result.stdout
+    for row in (
+        "| card | (cpu)",
+        "| SDPA default vs math, decode 64 x 3 tokens, float32 | max diff",
+        "| golden end-to-end, float32, actions exact | 2/2 tests passed |",
+        "| bfloat16 greedy actions agreeing with the golden ones | 100.0% of 96 |",
+        "| mid: b BatchGetAction, 2 sessions |",
+        "| mid: c: floor FLOP/s at 64 / matmul FLOP/s",
+    ):
+        assert row in table, table
+    assert "(ok)" in table and "MISMATCH" not in table
+    assert (tmp_path / "table.md").read_text() == table
