@@ -220,14 +220,16 @@ class Scheduler:
         steps = {k: v[start:stop] for k, v in item.steps.items()}
         return replace(item, steps=steps, num_steps=stop - start, reset=item.reset and start == 0)
 
-    def _run_inline(self, items: list[WorkItem]) -> bool:
+    def _run_inline(self, batch: list[_Pending]) -> bool:
         """Whether to run this batch on the event loop's thread: one decode step while nothing
         else waits and the runner thread is idle (a single session stepping alone), where the
-        hand-offs to and from the runner thread would cost more than blocking the loop briefly."""
+        hand-offs to and from the runner thread would cost more than blocking the loop briefly.
+        Never a prefill's chunk, even of one step: its next chunk follows at once, and the loop
+        would not read another request until the whole prefill ran."""
         executor = self._executor
         return (
-            len(items) == 1
-            and items[0].num_steps == 1
+            len(batch) == 1
+            and batch[0].item.num_steps == 1
             and not self.queue_length
             and isinstance(executor, RunnerExecutor)
             and executor.idle
@@ -270,7 +272,7 @@ class Scheduler:
             started = time.monotonic()
             handed = time.perf_counter()
             try:
-                if self._run_inline(items):
+                if self._run_inline(batch):
                     results = self.runner.run(items)
                 else:
                     results = await loop.run_in_executor(self._executor, self.runner.run, items)
@@ -286,7 +288,7 @@ class Scheduler:
             timing = self.runner.timing
             stages = {**timing.stages, "handoff": (timing.started - handed) + (back - timing.ended)}
             self._forward_s = _average(self._forward_s, elapsed)
-            if all(i.num_steps == 1 for i in items):
+            if all(p.item.num_steps == 1 for p in batch):  # decodes, not one-step prefill chunks
                 self._decode_s = _average(self._decode_s, elapsed)
                 self._last_decode = done
             else:

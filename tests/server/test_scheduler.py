@@ -119,6 +119,37 @@ def test_long_prefills_advance_chunk_by_chunk_between_decode_steps(runner: Model
     assert sum(b.actions for b in stats) == 3
 
 
+def test_one_step_prefill_chunks_leave_the_event_loop_free(runner: ModelRunner) -> None:
+    """A prefill cut into one-step chunks is still a prefill: its chunks run on the runner
+    thread (not inline on the event loop, which then could not read the decode that arrives
+    meanwhile until the whole prefill ran) and do not count as decode steps."""
+
+    async def scenario() -> tuple[list[str], float]:
+        finished: list[str] = []
+        stats: list[BatchStats] = []
+        scheduler = Scheduler(runner, max_batch_tokens=4096, on_batch=stats.append)
+        scheduler.chunk_steps = 1
+        slots = [scheduler.allocate_slot() for _ in range(2)]
+        prefill = scheduler.submit(item(runner, slots[0], steps=12))
+        prefill.add_done_callback(lambda _: finished.append("prefill"))
+        scheduler.start()
+        try:
+            while not stats:  # the first chunk ran
+                await asyncio.sleep(0.001)
+            decode = scheduler.submit(item(runner, slots[1]))
+            decode.add_done_callback(lambda _: finished.append("decode"))
+            await asyncio.gather(prefill, decode)
+        finally:
+            for s in slots:
+                scheduler.free_slot(s)
+            await scheduler.stop()
+        return finished, scheduler._decode_s
+
+    finished, decode_s = run(scenario())
+    assert finished == ["decode", "prefill"]
+    assert decode_s > 0  # the one decode step, measured as one
+
+
 def test_freed_slot_forgets_its_statistics(runner: ModelRunner) -> None:
     async def scenario() -> None:
         scheduler = Scheduler(runner, max_batch_tokens=4096)
