@@ -24,15 +24,19 @@ def server_python() -> str:
     return os.environ.get("MOUSE_SERVE_PYTHON", sys.executable)
 
 
-def device_args(args: Sequence[str]) -> list[str]:
+def default_args(args: Sequence[str]) -> list[str]:
     """Test servers run on the CPU in float32 (a GPU on the machine changes nothing) unless the
     test names `--device`/`--dtype`, or `MOUSE_TEST_DEVICE`/`MOUSE_TEST_DTYPE` ask for another
-    (scripts/gpu_check.sh runs the golden end-to-end tests on CUDA that way)."""
+    (scripts/gpu_check.sh runs the golden end-to-end tests on CUDA that way). They skip the
+    start-up measurement of execution paths (about 5 s per start on 2 cores) unless the test
+    names `--autotune` or `--execution` (the golden server measures, as a production one does)."""
     out = []
     if "--device" not in args:
         out += ["--device", os.environ.get("MOUSE_TEST_DEVICE", "cpu")]
     if "--dtype" not in args:
         out += ["--dtype", os.environ.get("MOUSE_TEST_DTYPE", "float32")]
+    if "--autotune" not in args and "--execution" not in args:
+        out += ["--autotune", "off"]
     return out
 
 
@@ -40,7 +44,7 @@ class ServerProcess:
     """`python -m mouse_serve ARGS` with its log captured; `target` once it listens."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None, port: int = 0) -> None:
-        self.args = ["--host", "127.0.0.1", "--port", str(port), *device_args(args), *args]
+        self.args = ["--host", "127.0.0.1", "--port", str(port), *default_args(args), *args]
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen[str] | None = None
         self.lines: list[str] = []

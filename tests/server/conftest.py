@@ -23,7 +23,7 @@ def golden_model_args() -> list[str]:
 
 @pytest.fixture(scope="session")
 def golden_server() -> Iterator[ServerProcess]:
-    with ServerProcess(*golden_model_args(), "--max-sessions", "24") as server:
+    with ServerProcess(*golden_model_args(), "--max-sessions", "24", "--autotune", "on") as server:
         yield server
 
 
