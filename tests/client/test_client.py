@@ -28,7 +28,14 @@ from tests.server_process import ServerProcess
 
 
 def test_client_imports_without_torch() -> None:
-    code = "import sys, mouse_client; assert 'torch' not in sys.modules, 'mouse_client imported torch'; print('ok')"
+    """Neither torch nor GPL code (mouse-env) nor gymnasium comes in with the client and its
+    adapters, also where they are installed (this venv has all three)."""
+    code = (
+        "import sys, mouse_client, mouse_client.mouse_env, mouse_client.gym\n"
+        "for name in ('torch', 'mouse_envs', 'gymnasium'):\n"
+        "    assert name not in sys.modules, f'mouse_client imported {name}'\n"
+        "print('ok')"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr
     if os.environ.get("MOUSE_CLIENT_ONLY"):  # the client-only venv really has no torch
