@@ -19,9 +19,11 @@ import bisect
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -73,7 +75,12 @@ class ExecutionPath:
                 path["packed"] = word == "packed"
             elif word == "compiled" and "compiled" not in path:
                 path["compiled"] = True
-            elif word.startswith("threads=") and word[8:].isdigit() and int(word[8:]) > 0:
+            elif (
+                word.startswith("threads=")
+                and "threads" not in path
+                and word[8:].isdecimal()
+                and int(word[8:]) > 0
+            ):
                 path["threads"] = int(word[8:])
             else:
                 raise ValueError(
@@ -224,26 +231,37 @@ def cache_key(**parts: Any) -> str:
 
 
 def load_cached(path: Path, key: str) -> list[ExecutionChoice] | None:
-    """The cached choices for `key`, or None (missing file, other key, unreadable)."""
+    """The cached choices for `key`, or None (missing file, other key, unreadable, or an entry
+    that is not what `store_cached` writes)."""
     try:
         entry = json.loads(path.read_text()).get(key)
-    except (OSError, ValueError, AttributeError):
+        choices = [_choice(c) for c in entry["choices"]]
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return None
-    if not isinstance(entry, dict):
-        return None
-    try:
-        return [
-            ExecutionChoice(
-                c["rows"], c["context_steps"], ExecutionPath(**c["path"]), c["step_ms"], c["candidates"]
-            )
-            for c in entry["choices"]
-        ]
-    except (KeyError, TypeError):
-        return None
+    return choices or None
+
+
+def _choice(c: dict[str, Any]) -> ExecutionChoice:
+    """One cached choice, its types and ranges checked (ValueError otherwise)."""
+    p = c["path"]
+    flags = [p.get(k, False) for k in ("packed", "compiled", "graphs", "cuda")]
+    counts = [c["rows"], c["context_steps"], p.get("threads", 1)]
+    times = [c["step_ms"], *c["candidates"].values()]
+    if not (
+        all(type(f) is bool for f in flags)
+        and all(type(n) is int and n > 0 for n in counts)
+        and all(type(t) in (int, float) and math.isfinite(t) and t >= 0 for t in times)
+        and set(p) <= {"packed", "threads", "compiled", "graphs", "cuda"}
+    ):
+        raise ValueError(f"not a cached execution choice: {c!r}")
+    return ExecutionChoice(c["rows"], c["context_steps"], ExecutionPath(**p), c["step_ms"], c["candidates"])
 
 
 def store_cached(path: Path, key: str, choices: Sequence[ExecutionChoice], note: dict[str, Any]) -> None:
-    """Add `choices` under `key` to the JSON cache file (other keys are kept)."""
+    """Add `choices` under `key` to the JSON cache file (other keys are kept). A cache that
+    cannot be written is a warning, not an error (the server serves the measured choices), and
+    each writer renames its own temporary file, so servers sharing the file never see half of
+    one (when two write at once, the last one's keys win)."""
     try:
         data = json.loads(path.read_text()) if path.is_file() else {}
         if not isinstance(data, dict):
@@ -251,7 +269,15 @@ def store_cached(path: Path, key: str, choices: Sequence[ExecutionChoice], note:
     except (OSError, ValueError):
         data = {}
     data[key] = {**note, "choices": [asdict(c) for c in choices]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        log.warning("cannot write the execution cache %s (%s); serving without storing it", path, exc)

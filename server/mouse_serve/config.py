@@ -442,8 +442,37 @@ def _check_together(c: ServerConfig) -> None:
         raise ConfigError("--tls-cert and --tls-key go together.")
     if c.tls_client_ca is not None and c.tls_cert is None:
         raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key.")
+    if c.execution:
+        _check_execution(c)
     if c.metrics_port and c.metrics_port == c.port:
         raise ConfigError(f"--metrics-port {c.metrics_port} is the gRPC port too; pick another.")
+
+
+def _check_execution(c: ServerConfig) -> None:
+    """A pinned path must fit the device, the thread limit and --compile (torch-free checks)."""
+    from mouse_serve.autotune import ExecutionPath
+
+    assert c.execution is not None
+    on_cuda = c.execution in ("graphs", "eager")
+    if on_cuda and c.device == "cpu":
+        raise ConfigError(
+            f"--execution {c.execution} is a CUDA path; on --device cpu pin e.g. packed,threads=2."
+        )
+    if not on_cuda and c.device.startswith("cuda"):
+        raise ConfigError(
+            f"--execution {c.execution} is a CPU path; on --device {c.device} pin graphs or eager."
+        )
+    if on_cuda:
+        return
+    path = ExecutionPath.parse(c.execution)
+    if c.threads and path.threads > c.threads:
+        raise ConfigError(f"--execution {c.execution}: more threads than --threads {c.threads}.")
+    if path.compiled and c.compile != "on":
+        raise ConfigError(f"--execution {c.execution} needs --compile on.")
+    if not path.compiled and c.compile == "on":
+        raise ConfigError(
+            f"--compile on has no effect with --execution {c.execution}: add ,compiled or leave --compile off."
+        )
 
 
 def markdown_table() -> str:

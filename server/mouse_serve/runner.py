@@ -322,6 +322,14 @@ class ModelRunner:
             candidates=[str(c) for c in candidates],
         )
         choices = autotune.load_cached(cache, key) if cache is not None else None
+        if choices is not None and (
+            {(c.rows, c.context_steps) for c in choices} != set(shapes)
+            or any(c.path not in candidates for c in choices)
+        ):
+            log.warning(
+                "model %r: the execution cache %s does not fit these shapes and paths", self.spec.name, cache
+            )
+            choices = None
         source = f"from {cache}"
         if choices is None:
             started = time.perf_counter()

@@ -71,6 +71,19 @@ MODEL = str(CASE.checkpoint)
         (["--model", MODEL, "--max-message-bytes", "3000000000"], {}, "is above the maximum 2147483647"),
         (["--model", "~/no-such-checkpoint"], {}, "there is no folder ~/no-such-checkpoint"),
         (["--model", MODEL, "--metrics-port", "50051"], {}, "--metrics-port 50051 is the gRPC port too"),
+        (["--model", MODEL, "--execution", "packed,threads=1,threads=2"], {}, "--execution: execution path"),
+        (["--model", MODEL, "--device", "cpu", "--execution", "graphs"], {}, "is a CUDA path"),
+        (
+            ["--model", MODEL, "--threads", "1", "--execution", "packed,threads=2"],
+            {},
+            "more threads than --threads 1",
+        ),
+        (["--model", MODEL, "--execution", "plain,threads=1,compiled"], {}, "needs --compile on"),
+        (
+            ["--model", MODEL, "--compile", "on", "--execution", "plain,threads=1"],
+            {},
+            "--compile on has no effect",
+        ),
     ],
 )
 def test_invalid_settings_are_one_line_errors_before_any_model_loads(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -178,3 +179,36 @@ def test_corrupt_cache_is_measured_again(tmp_path: Path) -> None:
     assert autotune.load_cached(cache, "other key") is None
     data = json.loads(cache.read_text())
     assert len(data) == 1 and np.isfinite(next(iter(data.values()))["choices"][0]["step_ms"])
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda c: c["path"].update(threads="2"),
+        lambda c: c["path"].update(threads=64),  # more than this runner may use
+        lambda c: c["path"].update(compiled=True),  # not a candidate without compile="on"
+        lambda c: c.update(rows=0),
+        lambda c: c.update(step_ms="x"),
+    ],
+    ids=["threads-text", "threads-64", "compiled", "rows-0", "step-text"],
+)
+def test_a_tampered_cache_entry_is_measured_again(tmp_path: Path, tamper: Any) -> None:
+    """A cache entry that this runner could not have written is measured again, never used."""
+    cache = tmp_path / "autotune.json"
+    first = load(GQA, threads=2, autotune="on", autotune_cache=cache).execution_choices
+    data = json.loads(cache.read_text())
+    entry = next(iter(data.values()))
+    tamper(entry["choices"][0])
+    cache.write_text(json.dumps(data))
+    again = load(GQA, threads=2, autotune="on", autotune_cache=cache)
+    assert [c.rows for c in again.execution_choices] == [c.rows for c in first]
+    assert all(c.path.threads <= 2 and not c.path.compiled for c in again.execution_choices)
+    assert autotune.load_cached(cache, next(iter(data))) is not None  # rewritten whole
+
+
+def test_an_unwritable_cache_is_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """The measured choices serve even when the cache file cannot be written."""
+    with caplog.at_level(logging.WARNING):
+        runner = load(GQA, autotune="on", autotune_cache=Path("/proc/self/autotune.json"))
+    assert runner.execution_choices
+    assert any("cannot write the execution cache" in r.getMessage() for r in caplog.records)
