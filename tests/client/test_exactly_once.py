@@ -94,9 +94,15 @@ def test_client_deadline_then_next_step_applies_both(server: ServerProcess) -> N
         n = min(600, session.model.max_context_steps // 4)
         prefill = [row(0, s % VARIED.steps) for s in range(n)]
         client.timeout_s = 0.002
-        with pytest.raises(ActionError) as info:
-            session.get_action(prefill)
-        assert info.value.in_doubt and info.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+        for _ in range(10):
+            with pytest.raises(ActionError) as info:
+                session.get_action(prefill)
+            assert info.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+            if info.value.in_doubt:
+                break
+            # the server's own refusal ("not applied") came back before the client's deadline
+            # fired: a definite answer, so nothing is in doubt and nothing advanced; try again
+            assert not session.in_doubt and session.seq == 0
         assert session.in_doubt
         client.timeout_s = None
         reply = session.get_reply(row(0, 3))
