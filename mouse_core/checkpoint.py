@@ -46,7 +46,10 @@ def _fetch(
     repo_id_or_path: str, force_download: bool, local_dir: str | Path | None, hub_kwargs: dict[str, Any]
 ) -> tuple[Path, Path]:
     """Return local paths of (config.json, weights) for a folder or a Hub repo."""
-    local = Path(repo_id_or_path).expanduser()
+    try:
+        local = Path(repo_id_or_path).expanduser()
+    except RuntimeError:  # `~user` of an unknown user: a name as written
+        local = Path(repo_id_or_path)
     if local.exists():
         if not local.is_dir():
             raise CheckpointError(f"{repo_id_or_path!r} is a file; expected a checkpoint folder.")

@@ -26,13 +26,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from mouse_serve.server import serve  # imports torch; after argument errors are reported
+    from mouse_serve.server import prepare, serve  # imports torch; after argument errors are reported
 
+    log = logging.getLogger("mouse_serve")
     try:
-        asyncio.run(serve(config))
+        runners = prepare(config)
+        asyncio.run(serve(config, runners))
     except (ValueError, OSError, RuntimeError) as exc:  # bad device, unreadable model, busy port
-        logging.getLogger("mouse_serve").error("%s", exc)
+        log.error("%s", exc)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C while loading (a compile can take minutes); later it drains
+        log.error("interrupted before serving")
+        return 130
     return 0
 
 

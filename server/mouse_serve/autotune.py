@@ -207,19 +207,22 @@ def measure(
 
 
 # -- the on-disk cache ------------------------------------------------------------------------
+def cpu_model() -> str:
+    """The CPU's model name (`/proc/cpuinfo` on Linux, else what `platform` knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
 def machine_key() -> dict[str, Any]:
     """What about this machine changes the measurement: CPU model, cores, torch build."""
     import torch
 
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    key: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__}
+    key: dict[str, Any] = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__}
     if torch.cuda.is_available():
         key["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return key

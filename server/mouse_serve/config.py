@@ -50,7 +50,7 @@ class ModelSpec:
             raise ValueError(f"{text!r}: expected PATH_OR_REPO or NAME=PATH_OR_REPO.")
         if not MODEL_NAME.match(name):
             raise ValueError(f"{text!r}: model name {name!r} must match {MODEL_NAME.pattern}.")
-        path = Path(source).expanduser()
+        path = user_path(source)
         if path.exists():
             if not path.is_dir():
                 raise ValueError(f"{text!r}: {source} is a file; expected a checkpoint folder.")
@@ -91,8 +91,17 @@ def _float(text: str) -> float:
     return value
 
 
+def user_path(text: str) -> Path:
+    """`text` with a leading `~` or `~user` expanded; as written when that user is unknown (a
+    name like `~0` is then a relative path that does not exist, not an internal error)."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        return Path(text)
+
+
 def _file(text: str) -> Path:
-    path = Path(text).expanduser()
+    path = user_path(text)
     if not path.is_file():
         raise ValueError(f"there is no file {text}")
     if not os.access(path, os.R_OK):
@@ -101,7 +110,7 @@ def _file(text: str) -> Path:
 
 
 def _writable_file(text: str) -> Path:
-    path = Path(text).expanduser()
+    path = user_path(text)
     if path.is_dir():
         raise ValueError(f"{text} is a folder; expected a file")
     if not path.parent.is_dir():
@@ -110,7 +119,7 @@ def _writable_file(text: str) -> Path:
 
 
 def _writable_dir(text: str) -> Path:
-    path = Path(text).expanduser()
+    path = user_path(text)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{text} is a file; expected a folder")
     return path

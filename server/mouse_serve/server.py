@@ -19,7 +19,7 @@ from mouse_serve.auth import TokenAuth
 from mouse_serve.config import ServerConfig
 from mouse_serve.memory import release_free_memory
 from mouse_serve.metrics import Metrics
-from mouse_serve.runner import ModelRunner, RunnerExecutor
+from mouse_serve.runner import ModelRunner, RunnerExecutor, resolve_device
 from mouse_serve.scheduler import Scheduler
 from mouse_serve.service import ActionService, add_to_server
 from mouse_serve.sessions import ContextPolicy, SessionManager, UpdatePolicy
@@ -192,12 +192,22 @@ class Server:
         log.info("stopped")
 
 
-async def serve(config: ServerConfig) -> None:
-    """Load the models, serve until SIGTERM/SIGINT, then shut down gracefully."""
+def prepare(config: ServerConfig) -> dict[str, ModelRunner]:
+    """Everything before serving, in the calling thread (so Ctrl-C interrupts a long compile):
+    check the ports and the pinned execution path against the device, then load the models."""
     check_port_free(config.host, config.port)
     if config.metrics_port:
         check_port_free(config.host, config.metrics_port)
-    runners = await asyncio.to_thread(load_runners, config)
+    if config.execution in ("graphs", "eager") and resolve_device(config.device).type != "cuda":
+        raise ValueError(
+            f"--execution {config.execution} is a CUDA path, but --device {config.device} found no "
+            "CUDA device; pin a CPU path such as packed,threads=2."
+        )
+    return load_runners(config)
+
+
+async def serve(config: ServerConfig, runners: dict[str, ModelRunner]) -> None:
+    """Serve the loaded models until SIGTERM/SIGINT, then shut down gracefully."""
     server = Server(config, runners)
     await server.start()
     stop = asyncio.Event()

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from mouse_core import CheckpointError, ConfigError, ModelConfig, read_checkpoint
+from mouse_serve.config import user_path
 from mouse_serve.errors import ServiceError, failed_precondition, invalid, not_found
 from mouse_serve.memory import release_free_memory
 from mouse_serve.metrics import Metrics
@@ -111,7 +112,7 @@ class ModelUpdater:
         """Update from a checkpoint folder on this server or a Hub repo id (at `revision`)."""
 
         def read() -> dict[str, torch.Tensor]:
-            path = Path(source).expanduser()
+            path = user_path(source)
             if not source or (
                 not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") != 1)
             ):

@@ -123,6 +123,11 @@ def test_hub_miss_offline_is_a_clear_error(tmp_path: Path) -> None:
         load_model("nobody/nothing", cache_dir=str(tmp_path), local_files_only=True)
 
 
+def test_unknown_users_home_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="'~no-such-user-0/ckpt' is not a local folder"):
+        load_model("~no-such-user-0/ckpt", cache_dir=str(tmp_path), local_files_only=True)
+
+
 def test_folder_errors(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"has no config\.json"):
         load_model(tmp_path)

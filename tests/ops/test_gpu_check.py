@@ -51,7 +51,9 @@ def test_every_step_runs_on_the_cpu(tmp_path: Path) -> None:
     result, _ = run(
         tmp_path,
         MOUSE_GPU_CHECK_DEVICE="cpu",
-        MOUSE_GPU_CHECK_TESTS="test_one_step_at_a_time and llama_sum_dqn",
+        # one golden test on the fixed-shape server (the path CUDA graphs capture), which starts
+        # without the start-up measurement: the full set runs in the suite itself
+        MOUSE_GPU_CHECK_TESTS="test_one_step_at_a_time and fixed-shape and llama_sum_dqn",
         MOUSE_GPU_CHECK_BENCH_ARGS=bench,
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -60,7 +62,7 @@ def test_every_step_runs_on_the_cpu(tmp_path: Path) -> None:
     for row in (
         "| card | (cpu)",
         "| SDPA default vs math, decode 64 x 3 tokens, float32 | max diff",
-        "| golden end-to-end, float32, actions exact | 2/2 tests passed |",
+        "| golden end-to-end, float32, actions exact | 1/1 tests passed |",
         f"| bfloat16 greedy actions agreeing with the golden ones | 100.0% of {golden_actions} |",
         "| mid: b BatchGetAction, 2 sessions |",
         "| mid: c: floor FLOP/s at 64 / matmul FLOP/s",

@@ -14,7 +14,7 @@ import pytest
 
 from mouse_client import ActionClient, ActionError
 from tests.helpers import golden_cases
-from tests.server_process import REPO, ServerProcess, run_cli
+from tests.server_process import REPO, ServerProcess, run_cli, server_python
 
 CASE = next(c for c in golden_cases() if c.name == "llama_gqa_long")
 
@@ -70,6 +70,7 @@ MODEL = str(CASE.checkpoint)
         (["--model", MODEL, "--port", "70000"], {}, "--port: 70000 is above the maximum 65535"),
         (["--model", MODEL, "--max-message-bytes", "3000000000"], {}, "is above the maximum 2147483647"),
         (["--model", "~/no-such-checkpoint"], {}, "there is no folder ~/no-such-checkpoint"),
+        (["--model", "~no-such-user-0/ckpt"], {}, "there is no folder ~no-such-user-0/ckpt"),
         (["--model", MODEL, "--metrics-port", "50051"], {}, "--metrics-port 50051 is the gRPC port too"),
         (["--model", MODEL, "--execution", "packed,threads=1,threads=2"], {}, "--execution: execution path"),
         (["--model", MODEL, "--device", "cpu", "--execution", "graphs"], {}, "is a CUDA path"),
@@ -145,12 +146,43 @@ def test_help_lists_environment_variables() -> None:
             "CUDA is not available",
         ),
         (["--model", str(CASE.checkpoint), "--device", "cuda:0"], "CUDA is not available"),
+        (
+            ["--model", str(CASE.checkpoint), "--device", "auto", "--execution", "graphs"],
+            "--execution graphs is a CUDA path, but --device auto found no CUDA device",
+        ),
     ],
 )
 def test_start_up_errors_exit_1(args: list[str], message: str, tmp_path: Path) -> None:
     result = run_cli(args, env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
     assert result.returncode == 1, result.stderr
     assert message in result.stderr
+    assert "Traceback" not in result.stderr and "loaded model" not in result.stderr
+
+
+def test_ctrl_c_while_loading_exits_130_without_a_traceback() -> None:
+    """SIGINT during the start-up measurement (as during a long compile) stops the server at once."""
+    models = [f"{c.name}={c.checkpoint}" for c in golden_cases()]
+    args = [a for m in models for a in ("--model", m)] + ["--autotune", "on", "--port", "0"]
+    proc = subprocess.Popen(
+        [server_python(), "-m", "mouse_serve", *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stderr is not None
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "measuring" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=60)
+    log = "".join(lines) + rest
+    assert proc.returncode == 130, log
+    assert "interrupted before serving" in log and "Traceback" not in log, log
+    assert "listening on" not in log
 
 
 def test_settings_from_environment_variables() -> None:
