@@ -12,9 +12,8 @@ items (decode steps, in arrival order, within a padded-token budget) or the next
 waiting multi-step item (prefills). The two kinds alternate when both wait, so a prefill is never
 starved, and a decode step waits for at most one prefill batch. Chunks are at most
 `prefill_chunk_steps` steps; while sessions are stepping, they shrink so that a prefill batch
-takes about as long as a decode batch (both measured as they run), down to `MIN_CHUNK_SHARE` of
-`prefill_chunk_steps`, which bounds every stepping session's latency by its own forward plus
-one such prefill batch whatever the prefills around it.
+takes about as long as a decode batch (both measured as they run), which keeps every stepping
+session's latency within about twice its own forward whatever the prefills around it.
 
 Before a decode batch it may wait briefly for stragglers. Each session's turnaround (from its
 reply to its next step) is tracked; sessions whose next step is due within `max_batch_wait_s`
@@ -39,11 +38,6 @@ from mouse_serve.runner import ModelRunner, RunnerExecutor, WorkItem, WorkResult
 log = logging.getLogger(__name__)
 OVERDUE = 2.0  # a session later than twice its usual turnaround has stopped stepping for now
 DECODE_ACTIVE_S = 1.0  # sessions count as stepping for this long after a decode batch
-# Chunks shrink to no less than this share of `prefill_chunk_steps`. Each forward has a fixed
-# cost, so the time per token of small chunks grows as they shrink, and without a floor they
-# shrank to one step: a 1,000-step prefill (bench `mid` model) beside one stepping session took
-# 19.9 s; with the floor 1.2 s (0.6 s alone), while the stepper's p50 went from 21 to 35 ms.
-MIN_CHUNK_SHARE = 1 / 8
 
 
 @dataclass
@@ -215,8 +209,7 @@ class Scheduler:
         if now - self._last_decode > DECODE_ACTIVE_S or not (self._decode_s and self._prefill_token_s):
             return self.chunk_steps
         tokens = self._decode_s / self._prefill_token_s
-        steps = int(tokens / (items * self.runner.model.tokens_per_step))
-        return max(1, int(self.chunk_steps * MIN_CHUNK_SHARE), min(self.chunk_steps, steps))
+        return max(1, min(self.chunk_steps, int(tokens / (items * self.runner.model.tokens_per_step))))
 
     def _chunk(self, pending: _Pending, chunk: int) -> WorkItem:
         item = pending.item

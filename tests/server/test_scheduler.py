@@ -150,28 +150,6 @@ def test_one_step_prefill_chunks_leave_the_event_loop_free(runner: ModelRunner) 
     assert decode_s > 0  # the one decode step, measured as one
 
 
-def test_prefill_chunks_shrink_beside_stepping_sessions_down_to_a_floor(runner: ModelRunner) -> None:
-    """While sessions step, a chunk takes about a decode batch's time, but never fewer than 1/8
-    of `prefill_chunk_steps` steps (a fixed cost per forward made smaller chunks spiral down to
-    one step, and a long prefill then took 16x longer)."""
-
-    async def scenario() -> None:
-        scheduler = Scheduler(runner, max_batch_tokens=4096)
-        scheduler.chunk_steps = 64
-        now = time.monotonic()
-        tokens = runner.model.tokens_per_step
-        assert scheduler._chunk_limit(1, now) == 64  # nothing measured yet
-        scheduler._last_decode = now
-        scheduler._decode_s, scheduler._prefill_token_s = 0.010, 0.010 / (20 * tokens)
-        assert scheduler._chunk_limit(1, now) == 20  # 20 steps take a decode batch's time
-        assert scheduler._chunk_limit(2, now) == 10  # shared by two prefills
-        scheduler._prefill_token_s = 0.010 / tokens  # one step would take that long
-        assert scheduler._chunk_limit(1, now) == 8  # the floor, not 1
-        assert scheduler._chunk_limit(1, now + 2) == 64  # nobody stepping: whole chunks
-
-    run(scenario())
-
-
 def test_freed_slot_forgets_its_statistics(runner: ModelRunner) -> None:
     async def scenario() -> None:
         scheduler = Scheduler(runner, max_batch_tokens=4096)
