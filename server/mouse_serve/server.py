@@ -198,11 +198,19 @@ def prepare(config: ServerConfig) -> dict[str, ModelRunner]:
     check_port_free(config.host, config.port)
     if config.metrics_port:
         check_port_free(config.host, config.metrics_port)
-    if config.execution in ("graphs", "eager") and resolve_device(config.device).type != "cuda":
-        raise ValueError(
-            f"--execution {config.execution} is a CUDA path, but --device {config.device} found no "
-            "CUDA device; pin a CPU path such as packed,threads=2."
-        )
+    if config.execution:
+        cuda_path = config.execution in ("graphs", "eager")
+        on_cuda = resolve_device(config.device).type == "cuda"
+        if cuda_path and not on_cuda:
+            raise ValueError(
+                f"--execution {config.execution} is a CUDA path, but --device {config.device} found no "
+                "CUDA device; pin a CPU path such as packed,threads=2."
+            )
+        if on_cuda and not cuda_path:
+            raise ValueError(
+                f"--execution {config.execution} is a CPU path, but --device {config.device} chose "
+                "CUDA; pin graphs or eager."
+            )
     return load_runners(config)
 
 
