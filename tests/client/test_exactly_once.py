@@ -234,3 +234,123 @@ def test_concurrent_sessions_in_threads(server: ServerProcess) -> None:
         for t in threads:
             t.join()
     assert all(results[b] == VARIED.greedy(b % 2) for b in range(4))
+
+
+def _under_deadline(client: ActionClient, call: Any, attempts: int = 10) -> tuple[Any, int]:
+    """`call()` under a 2 ms client deadline until its outcome is unknown: returns the in-doubt
+    `ActionError`, or the call's result when the server answered in time (a definite outcome:
+    applied), and how many attempts the server refused first (not applied: tried again, as
+    the retry of the same records)."""
+    client.timeout_s = 0.002
+    try:
+        for refusals in range(attempts):
+            try:
+                return call(), refusals
+            except ActionError as err:
+                if err.in_doubt:
+                    return err, refusals
+                # the server's refusal ("not applied", its deadline passed while queued) came
+                # back before the client's deadline fired: nothing is in doubt
+                assert err.code is grpc.StatusCode.DEADLINE_EXCEEDED, err
+        pytest.fail(f"no call of {attempts} was left in doubt or applied")
+    finally:
+        client.timeout_s = None
+
+
+def test_group_call_in_doubt_is_resent_and_applied_once(server: ServerProcess) -> None:
+    """A BatchGetAction whose own outcome is unknown (the client's deadline): every entry is
+    `in_doubt`; the next group call re-sends each in-doubt request unchanged before its own
+    records (moving on), or is the retry (same records) and gets the settled replies. Context
+    lengths, sequence numbers and the golden greedy actions prove each record applied once."""
+    n = 4
+    first, second = 8, 6  # prefill lengths (steps 0..7, then 9..14)
+    in_doubt_calls = 0
+
+    def check_in_doubt(attempt: tuple[Any, int], seq: int, group: Any) -> bool:
+        out, refusals = attempt
+        if not isinstance(out, ActionError):
+            return False  # answered before the deadline: applied, a definite outcome
+        assert isinstance(out, GroupError) and out.in_doubt
+        assert out.code is grpc.StatusCode.DEADLINE_EXCEEDED
+        # every entry is in doubt (an entry the server applied in an earlier, partly refused
+        # attempt of the same records gets its recorded reply instead)
+        doubtful = [o.index for o in out.outcomes if o.status == "in_doubt"]
+        assert doubtful == out.failed and (refusals or doubtful == list(range(n)))
+        assert sorted([*doubtful, *out.applied]) == list(range(n))
+        assert [(o.index, o.session_id) for o in out.outcomes] == list(enumerate(group.ids))
+        for o in out.outcomes:
+            if o.status == "in_doubt":
+                assert (
+                    o.code is grpc.StatusCode.DEADLINE_EXCEEDED and o.error is not None and o.error.in_doubt
+                )
+                assert group[o.index].in_doubt and group[o.index].seq == seq  # nothing known applied
+        return True
+
+    with (
+        ActionClient(server.target, retry=NO_RETRY) as client,
+        client.open_sessions(n, VARIED.name, temperature=0.0, recover=False) as group,
+    ):
+        # 1. in doubt, then moving on: the in-doubt prefill goes out (again) before the new step
+        prefill = [[row(b, s) for s in range(first)] for b in range(n)]
+        out = _under_deadline(client, lambda: group.get_replies(prefill))
+        in_doubt_calls += check_in_doubt(out, 0, group)
+        replies = group.get_replies([row(b, first) for b in range(n)])
+        assert [(r.seq, r.context_steps) for r in replies] == [(2, first + 1)] * n
+        assert [r.action for r in replies] == [VARIED.greedy(b % VARIED.batch)[first] for b in range(n)]
+        assert not any(group[b].in_doubt for b in range(n))
+        # 2. in doubt, then the same call again: its retry, answered with the settled replies
+        start = first + 1
+        prefill = [[row(b, s) for s in range(start, start + second)] for b in range(n)]
+        out = _under_deadline(client, lambda: group.get_replies(prefill))
+        doubted = check_in_doubt(out, 2, group)
+        in_doubt_calls += doubted
+        replies = group.get_replies(prefill) if doubted else out[0]
+        assert [(r.seq, r.context_steps) for r in replies] == [(3, start + second)] * n
+        last = start + second - 1
+        assert [r.action for r in replies] == [VARIED.greedy(b % VARIED.batch)[last] for b in range(n)]
+        # 3. the rest one step at a time: the greedy actions hold only if every record is there once
+        for s in range(start + second, VARIED.steps):
+            replies = group.get_replies([row(b, s) for b in range(n)])
+            assert [r.context_steps for r in replies] == [s + 1] * n
+            assert [r.action for r in replies] == [VARIED.greedy(b % VARIED.batch)[s] for b in range(n)]
+        assert [group[b].seq for b in range(n)] == [3 + VARIED.steps - start - second] * n
+    assert in_doubt_calls >= 1, "the server answered every call before the 2 ms deadline"
+
+
+def test_stream_call_in_doubt_is_resent_and_applied_once(server: ServerProcess) -> None:
+    """A request on `Session.stream()` whose reply is overdue (the client's deadline cancels the
+    stream call) leaves the session in doubt; the session's next call, unary or on the stream,
+    re-sends it unchanged on a live server, and the context holds every record once."""
+    with ActionClient(server.target, retry=NO_RETRY) as client:
+        session = client.open_session(VARIED.name, temperature=0.0, recover=False)
+        in_doubt_calls = 0
+        with session.stream() as stream:
+            reply = stream.get_reply(row(0, 0))
+            assert (reply.seq, reply.context_steps, reply.action) == (1, 1, VARIED.greedy(0)[0])
+            # 1. in doubt on the stream, then the next unary get_action moves on
+            prefill = [row(0, s) for s in range(1, 9)]
+            out, _ = _under_deadline(client, lambda: stream.get_reply(prefill))
+            if isinstance(out, ActionError):
+                in_doubt_calls += 1
+                assert out.code is grpc.StatusCode.DEADLINE_EXCEEDED and out.in_doubt
+                assert session.in_doubt and session.seq == 1
+            else:
+                assert (out.seq, out.context_steps) == (2, 9)
+            assert session.get_action(row(0, 9)) == VARIED.greedy(0)[9]
+            assert (session.seq, session.in_doubt) == (3, False)
+            # 2. in doubt again, then the same records on the stream: the retry (a new call)
+            prefill = [row(0, s) for s in range(10, 16)]
+            out, _ = _under_deadline(client, lambda: stream.get_reply(prefill))
+            if isinstance(out, ActionError):
+                in_doubt_calls += 1
+                assert out.code is grpc.StatusCode.DEADLINE_EXCEEDED and out.in_doubt
+                assert session.in_doubt and session.seq == 3
+                out = stream.get_reply(prefill)
+            assert (out.seq, out.context_steps, out.action) == (4, 16, VARIED.greedy(0)[15])
+            assert not session.in_doubt
+            for s in range(16, VARIED.steps):
+                reply = stream.get_reply(row(0, s))
+                assert (reply.context_steps, reply.action) == (s + 1, VARIED.greedy(0)[s])
+        assert session.seq == 4 + VARIED.steps - 16
+        session.close()
+    assert in_doubt_calls >= 1, "the server answered every call before the 2 ms deadline"

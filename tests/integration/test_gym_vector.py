@@ -141,3 +141,45 @@ def test_async_vector_adapter(adapter_server: ServerProcess) -> None:
             return int(adapter.group.sessions[0].seq)
 
     assert asyncio.run(run()) > 150
+
+
+@pytest.mark.parametrize("hold_terminal", [True, False])
+def test_hold_terminal_in_next_step_mode(
+    hold_terminal: bool, adapter_server: ServerProcess, models: dict[str, Path]
+) -> None:
+    """NextStep mode: with `hold_terminal` (the default) an episode's last record is held back
+    and sent with the reset frame (the env ignores the action in between, so no call is spent on
+    it: that sub-env gets `first_action`); with `hold_terminal=False` it is sent at once, and
+    every session is stepped on every call. The contexts hold the same records either way."""
+    envs = make_envs("NextStep")
+    recipe = Recipe()
+    steps = 150
+    with (
+        ActionClient(adapter_server.target) as client,
+        VectorGymAdapter(client, envs, model="cartpole", seed=0, hold_terminal=hold_terminal) as adapter,
+    ):
+        sessions = adapter.group.sessions
+        obs, info = envs.reset(seed=0)
+        recipe.reset(obs)
+        actions = adapter.reset(obs)
+        assert [s.seq for s in sessions] == [1] * N
+        ends = np.zeros(N, dtype=np.int64)
+        for _ in range(steps):
+            obs, reward, terminated, truncated, info = envs.step(actions)
+            done = terminated | truncated
+            ends += done
+            recipe.step("NextStep", actions, obs, reward, terminated, truncated, info)
+            before = [s.seq for s in sessions]
+            actions = adapter.step(obs, reward, terminated, truncated, info)
+            stepped = [s.seq - b for s, b in zip(sessions, before, strict=True)]
+            held = [len(h) for h in adapter.core.held]
+            if hold_terminal:
+                assert stepped == [0 if d else 1 for d in done]
+                assert held == [1 if d else 0 for d in done]
+                assert (actions[done] == 0).all()  # first_action for a sub-env that resets next
+            else:
+                assert stepped == [1] * N and held == [0] * N
+        assert ends.sum() >= 5
+        expected = 1 + steps - ends if hold_terminal else np.full(N, 1 + steps)
+        assert [s.seq for s in sessions] == expected.tolist()
+        check_contexts(adapter, recipe, Reference(models["cartpole"]))

@@ -4,6 +4,7 @@ say so, a session can start after a given seq, and a session's queue is bounded.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -269,3 +270,81 @@ def test_a_stream_holds_a_bounded_number_of_requests_and_others_are_served() -> 
         finally:
             stop.set()
             call.cancel()
+
+
+class _StreamCall:
+    """A `StreamActions` call fed from a queue, its replies read into another by a thread."""
+
+    def __init__(self, stub: pb_grpc.ActionServiceStub, sid: str) -> None:
+        self.sid, self.seq = sid, 0
+        self.requests: queue.SimpleQueue[pb.StreamActionsRequest | None] = queue.SimpleQueue()
+        self.replies: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self.call = stub.StreamActions(iter(self.requests.get, None))
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for reply in self.call:
+                self.replies.put(reply)
+            self.replies.put("end")
+        except grpc.RpcError as err:
+            self.replies.put(err)
+
+    def send(self, step: int) -> None:
+        self.seq += 1
+        self.requests.put(
+            pb.StreamActionsRequest(request=request(self.sid, self.seq, steps_of(VARIED, 0, step)))
+        )
+
+    def reply(self, timeout: float = 10.0) -> pb.GetActionResponse:
+        msg = self.replies.get(timeout=timeout)
+        assert isinstance(msg, pb.StreamActionsResponse) and msg.WhichOneof("result") == "response", msg
+        assert (msg.session_id, msg.seq) == (self.sid, self.seq)
+        return msg.response
+
+
+def test_calls_past_the_per_connection_stream_bound_wait_for_a_free_stream() -> None:
+    """`--max-streams-per-connection 2` is the HTTP/2 MAX_CONCURRENT_STREAMS setting: grpcio's
+    client queues calls past it on that connection (nothing is refused): a third stream, and a
+    unary call, wait while two streams are open and keep working; the queued stream starts when
+    one of them ends. A channel with a connection of its own is served meanwhile. (grpcio shares
+    one connection between channels with the same target and arguments: such a channel waits
+    too.)"""
+    args = ["--model", f"{VARIED.name}={VARIED.checkpoint}", "--max-streams-per-connection", "2"]
+    with ServerProcess(*args) as server, grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.ActionServiceStub(channel)
+        sids = [open_session(stub) for _ in range(4)]
+        streams = [_StreamCall(stub, sid) for sid in sids[:2]]
+        for s in streams:
+            s.send(0)
+        assert [s.reply().action for s in streams] == [VARIED.greedy(0)[0]] * 2
+        extra = _StreamCall(stub, sids[2])
+        extra.send(0)
+        with pytest.raises(queue.Empty):
+            extra.replies.get(timeout=1.0)  # held back, not refused
+        err = refused(lambda: stub.GetAction(request(sids[3], 1, steps_of(VARIED, 0, 0)), timeout=0.5))
+        assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # a unary call waits for a stream too
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        with grpc.insecure_channel(server.target, options=options) as own:
+            other = pb_grpc.ActionServiceStub(own)
+            assert other.GetAction(request(sids[3], 1, steps_of(VARIED, 0, 0)), timeout=10).context_steps == 1
+            # the queued stream's request has not reached its session
+            err = refused(lambda: other.GetAction(request(sids[2], 2, steps_of(VARIED, 0, 1)), timeout=10))
+            info, _ = details(err)
+            assert info.reason == "SEQ_GAP" and info.metadata["last_seq"] == "0"
+        for step in range(1, 4):  # the two open streams keep working
+            for s in streams:
+                s.send(step)
+            replies = [s.reply() for s in streams]
+            assert [r.action for r in replies] == [VARIED.greedy(0)[step]] * 2
+            assert [r.context_steps for r in replies] == [step + 1] * 2
+        assert extra.replies.empty()
+        streams[0].requests.put(None)  # the first stream ends: the queued one starts
+        assert streams[0].replies.get(timeout=10) == "end"
+        reply = extra.reply()
+        assert (reply.context_steps, reply.action) == (1, VARIED.greedy(0)[0])
+        extra.send(1)
+        assert extra.reply().action == VARIED.greedy(0)[1]
+        for s in (streams[1], extra):
+            s.requests.put(None)
+            assert s.replies.get(timeout=10) == "end"
