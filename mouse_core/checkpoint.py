@@ -48,9 +48,13 @@ def _fetch(
     """Return local paths of (config.json, weights) for a folder or a Hub repo."""
     try:
         local = Path(repo_id_or_path).expanduser()
-    except RuntimeError:  # `~user` of an unknown user: a name as written
+    except (RuntimeError, ValueError):  # `~user` of an unknown user, a NUL byte: a name as written
         local = Path(repo_id_or_path)
-    if local.exists():
+    try:
+        exists = local.exists()
+    except (OSError, ValueError):  # a name too long or with a NUL byte: not a folder here
+        exists = False
+    if exists:
         if not local.is_dir():
             raise CheckpointError(f"{repo_id_or_path!r} is a file; expected a checkpoint folder.")
         config = local / CONFIG_FILE

@@ -26,10 +26,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from mouse_serve.server import prepare, serve  # imports torch; after argument errors are reported
-
     log = logging.getLogger("mouse_serve")
     try:
+        from mouse_serve.server import prepare, serve  # imports torch; after argument errors
+
         runners = prepare(config)
         asyncio.run(serve(config, runners))
     except (ValueError, OSError, RuntimeError) as exc:  # bad device, unreadable model, busy port

@@ -96,7 +96,7 @@ def user_path(text: str) -> Path:
     name like `~0` is then a relative path that does not exist, not an internal error)."""
     try:
         return Path(text).expanduser()
-    except RuntimeError:
+    except (RuntimeError, ValueError):  # unknown user; a NUL byte in the name
         return Path(text)
 
 
@@ -359,7 +359,10 @@ def _check(name: str, spec: Setting, raw: str) -> Any:
         if raw not in spec.choices:
             raise ValueError(f"{raw!r} is not one of {', '.join(spec.choices)}")
         return raw
-    value = spec.parse(raw)
+    try:
+        value = spec.parse(raw)
+    except OSError as exc:  # a path the file system refuses to look up (a name too long, ...)
+        raise ValueError(f"{raw!r}: {exc.strerror or exc}") from None
     if spec.low is not None and value < spec.low:
         raise ValueError(f"{raw} is below the minimum {_number(spec.low)}")
     if spec.high is not None and value > spec.high:

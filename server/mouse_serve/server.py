@@ -216,13 +216,13 @@ def prepare(config: ServerConfig) -> dict[str, ModelRunner]:
 
 async def serve(config: ServerConfig, runners: dict[str, ModelRunner]) -> None:
     """Serve the loaded models until SIGTERM/SIGINT, then shut down gracefully."""
-    server = Server(config, runners)
-    await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before starting: a signal then still drains
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    server = Server(config, runners)
+    await server.start()
     await stop.wait()
     log.info("shutting down (grace period %.1fs)", config.grace_period)
     await server.stop()

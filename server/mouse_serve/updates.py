@@ -113,9 +113,11 @@ class ModelUpdater:
 
         def read() -> dict[str, torch.Tensor]:
             path = user_path(source)
-            if not source or (
-                not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") != 1)
-            ):
+            try:
+                exists = path.exists()
+            except (OSError, ValueError):  # a name too long or with a NUL byte: no such folder
+                exists = False
+            if not source or (not exists and (source.startswith((".", "/", "~")) or source.count("/") != 1)):
                 raise not_found(
                     f"source {source!r} is not a checkpoint folder on this server nor a Hub repo id "
                     "(org/name).",

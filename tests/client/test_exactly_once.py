@@ -261,7 +261,11 @@ def test_group_call_in_doubt_is_resent_and_applied_once(server: ServerProcess) -
     """A BatchGetAction whose own outcome is unknown (the client's deadline): every entry is
     `in_doubt`; the next group call re-sends each in-doubt request unchanged before its own
     records (moving on), or is the retry (same records) and gets the settled replies. Context
-    lengths, sequence numbers and the golden greedy actions prove each record applied once."""
+    lengths, sequence numbers and the golden greedy actions prove each record applied once.
+    Whether the server had applied an in-doubt call (about a third of them) varies from run to
+    run; the seqs pin the client's side either way (a resend under a new seq, or a dropped one,
+    shows in them), and the server's answer to a repeated seq has its own tests
+    (tests/server/test_rpcs.py::test_retry_of_the_last_seq_returns_the_same_reply)."""
     n = 4
     first, second = 8, 6  # prefill lengths (steps 0..7, then 9..14)
     in_doubt_calls = 0
@@ -314,7 +318,8 @@ def test_group_call_in_doubt_is_resent_and_applied_once(server: ServerProcess) -
             assert [r.context_steps for r in replies] == [s + 1] * n
             assert [r.action for r in replies] == [VARIED.greedy(b % VARIED.batch)[s] for b in range(n)]
         assert [group[b].seq for b in range(n)] == [3 + VARIED.steps - start - second] * n
-    assert in_doubt_calls >= 1, "the server answered every call before the 2 ms deadline"
+    if not in_doubt_calls:  # a machine fast enough to answer within 2 ms: nothing was in doubt
+        pytest.skip("the server answered every call before the 2 ms deadline")
 
 
 def test_stream_call_in_doubt_is_resent_and_applied_once(server: ServerProcess) -> None:
@@ -353,4 +358,5 @@ def test_stream_call_in_doubt_is_resent_and_applied_once(server: ServerProcess) 
                 assert (reply.context_steps, reply.action) == (s + 1, VARIED.greedy(0)[s])
         assert session.seq == 4 + VARIED.steps - 16
         session.close()
-    assert in_doubt_calls >= 1, "the server answered every call before the 2 ms deadline"
+    if not in_doubt_calls:  # a machine fast enough to answer within 2 ms: nothing was in doubt
+        pytest.skip("the server answered every call before the 2 ms deadline")

@@ -71,6 +71,8 @@ MODEL = str(CASE.checkpoint)
         (["--model", MODEL, "--max-message-bytes", "3000000000"], {}, "is above the maximum 2147483647"),
         (["--model", "~/no-such-checkpoint"], {}, "there is no folder ~/no-such-checkpoint"),
         (["--model", "~no-such-user-0/ckpt"], {}, "there is no folder ~no-such-user-0/ckpt"),
+        (["--model", "a" * 300], {}, "File name too long"),
+        (["--model", MODEL, "--token-file", "/tmp/" + "a" * 300 + "/t"], {}, "File name too long"),
         (["--model", MODEL, "--metrics-port", "50051"], {}, "--metrics-port 50051 is the gRPC port too"),
         (["--model", MODEL, "--execution", "packed,threads=1,threads=2"], {}, "--execution: execution path"),
         (["--model", MODEL, "--device", "cpu", "--execution", "graphs"], {}, "is a CUDA path"),

@@ -205,6 +205,8 @@ def test_refused_updates_keep_the_old_weights(
         (lambda: update(stub, tmp_path / "missing", "x"), grpc.StatusCode.NOT_FOUND, "CHECKPOINT_NOT_FOUND"),
         # the home folder of an unknown user (found by the fuzz test: it was INTERNAL)
         (lambda: update(stub, "~0", "x"), grpc.StatusCode.NOT_FOUND, "CHECKPOINT_NOT_FOUND"),
+        (lambda: update(stub, "~a\x00b/c", "x"), grpc.StatusCode.NOT_FOUND, "CHECKPOINT_NOT_FOUND"),
+        (lambda: update(stub, "./" + "a" * 300, "x"), grpc.StatusCode.NOT_FOUND, "CHECKPOINT_NOT_FOUND"),
         (lambda: update(stub, torn, "x"), grpc.StatusCode.FAILED_PRECONDITION, "CHECKPOINT_INVALID"),
         (  # the declared checksum is that of the good file, the bytes are not
             lambda: stub.PushWeights(
