@@ -479,6 +479,9 @@ def _check_execution(c: ServerConfig) -> None:
     path = ExecutionPath.parse(c.execution)
     if c.threads and path.threads > c.threads:
         raise ConfigError(f"--execution {c.execution}: more threads than --threads {c.threads}.")
+    cores = os.cpu_count() or 1
+    if not c.threads and path.threads > cores:
+        raise ConfigError(f"--execution {c.execution}: more threads than this machine's {cores} cores.")
     if path.compiled and c.compile != "on":
         raise ConfigError(f"--execution {c.execution} needs --compile on.")
     if not path.compiled and c.compile == "on":

@@ -81,6 +81,7 @@ MODEL = str(CASE.checkpoint)
             {},
             "more threads than --threads 1",
         ),
+        (["--model", MODEL, "--execution", "packed,threads=4096"], {}, "more threads than this machine's"),
         (["--model", MODEL, "--execution", "plain,threads=1,compiled"], {}, "needs --compile on"),
         (
             ["--model", MODEL, "--compile", "on", "--execution", "plain,threads=1"],
