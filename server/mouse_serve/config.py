@@ -460,21 +460,32 @@ def _check_together(c: ServerConfig) -> None:
         raise ConfigError(f"--metrics-port {c.metrics_port} is the gRPC port too; pick another.")
 
 
+def check_execution_device(execution: str, device: str, on_cuda: bool) -> None:
+    """A pinned CUDA path (graphs, eager) needs a CUDA device, a CPU path the CPU. `on_cuda`:
+    whether `device` is (`auto`: resolved to) a CUDA device. ConfigError otherwise."""
+    cuda_path = execution in ("graphs", "eager")
+    if cuda_path and not on_cuda:
+        found = "found no CUDA device" if device == "auto" else "is not a CUDA device"
+        raise ConfigError(
+            f"--execution {execution} is a CUDA path, but --device {device} {found}; "
+            "pin a CPU path such as packed,threads=2."
+        )
+    if on_cuda and not cuda_path:
+        chose = "chose CUDA" if device == "auto" else "is a CUDA device"
+        raise ConfigError(
+            f"--execution {execution} is a CPU path, but --device {device} {chose}; pin graphs or eager."
+        )
+
+
 def _check_execution(c: ServerConfig) -> None:
-    """A pinned path must fit the device, the thread limit and --compile (torch-free checks)."""
+    """A pinned path must fit the device, the thread limit and --compile (torch-free checks;
+    `--device auto` is checked once it is resolved, before the models load)."""
     from mouse_serve.autotune import ExecutionPath
 
     assert c.execution is not None
-    on_cuda = c.execution in ("graphs", "eager")
-    if on_cuda and c.device == "cpu":
-        raise ConfigError(
-            f"--execution {c.execution} is a CUDA path; on --device cpu pin e.g. packed,threads=2."
-        )
-    if not on_cuda and c.device.startswith("cuda"):
-        raise ConfigError(
-            f"--execution {c.execution} is a CPU path; on --device {c.device} pin graphs or eager."
-        )
-    if on_cuda:
+    if c.device != "auto":
+        check_execution_device(c.execution, c.device, c.device.startswith("cuda"))
+    if c.execution in ("graphs", "eager"):
         return
     path = ExecutionPath.parse(c.execution)
     if c.threads and path.threads > c.threads:

@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from mouse_client.v1 import action_service_pb2 as pb
 from mouse_serve.auth import TokenAuth
-from mouse_serve.config import ServerConfig
+from mouse_serve.config import ServerConfig, check_execution_device
 from mouse_serve.memory import release_free_memory
 from mouse_serve.metrics import Metrics
 from mouse_serve.runner import ModelRunner, RunnerExecutor, resolve_device
@@ -199,18 +199,8 @@ def prepare(config: ServerConfig) -> dict[str, ModelRunner]:
     if config.metrics_port:
         check_port_free(config.host, config.metrics_port)
     if config.execution:
-        cuda_path = config.execution in ("graphs", "eager")
         on_cuda = resolve_device(config.device).type == "cuda"
-        if cuda_path and not on_cuda:
-            raise ValueError(
-                f"--execution {config.execution} is a CUDA path, but --device {config.device} found no "
-                "CUDA device; pin a CPU path such as packed,threads=2."
-            )
-        if on_cuda and not cuda_path:
-            raise ValueError(
-                f"--execution {config.execution} is a CPU path, but --device {config.device} chose "
-                "CUDA; pin graphs or eager."
-            )
+        check_execution_device(config.execution, config.device, on_cuda)
     return load_runners(config)
 
 

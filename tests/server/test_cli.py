@@ -14,6 +14,7 @@ import pytest
 
 from mouse_client import ActionClient, ActionError
 from tests.helpers import golden_cases
+from tests.server.conftest import golden_model_args
 from tests.server_process import REPO, ServerProcess, run_cli, server_python
 
 CASE = next(c for c in golden_cases() if c.name == "llama_gqa_long")
@@ -164,8 +165,7 @@ def test_start_up_errors_exit_1(args: list[str], message: str, tmp_path: Path) -
 
 def test_ctrl_c_while_loading_exits_130_without_a_traceback() -> None:
     """SIGINT during the start-up measurement (as during a long compile) stops the server at once."""
-    models = [f"{c.name}={c.checkpoint}" for c in golden_cases()]
-    args = [a for m in models for a in ("--model", m)] + ["--autotune", "on", "--port", "0"]
+    args = [*golden_model_args(), "--autotune", "on", "--port", "0"]
     proc = subprocess.Popen(
         [server_python(), "-m", "mouse_serve", *args],
         cwd=REPO,
