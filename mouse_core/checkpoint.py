@@ -42,19 +42,26 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _fetch(
-    repo_id_or_path: str, force_download: bool, local_dir: str | Path | None, hub_kwargs: dict[str, Any]
-) -> tuple[Path, Path]:
-    """Return local paths of (config.json, weights) for a folder or a Hub repo."""
+def local_path(repo_id_or_path: str) -> Path | None:
+    """The local file or folder `repo_id_or_path` names (`~` expanded), or None when nothing
+    is there: also for names the file system refuses (an unknown `~user`, a NUL byte, a name
+    too long), which are then no local path, not an error."""
     try:
         local = Path(repo_id_or_path).expanduser()
     except (RuntimeError, ValueError):  # `~user` of an unknown user, a NUL byte: a name as written
         local = Path(repo_id_or_path)
     try:
-        exists = local.exists()
-    except (OSError, ValueError):  # a name too long or with a NUL byte: not a folder here
-        exists = False
-    if exists:
+        return local if local.exists() else None
+    except (OSError, ValueError):  # a name too long or with a NUL byte
+        return None
+
+
+def _fetch(
+    repo_id_or_path: str, force_download: bool, local_dir: str | Path | None, hub_kwargs: dict[str, Any]
+) -> tuple[Path, Path]:
+    """Return local paths of (config.json, weights) for a folder or a Hub repo."""
+    local = local_path(repo_id_or_path)
+    if local is not None:
         if not local.is_dir():
             raise CheckpointError(f"{repo_id_or_path!r} is a file; expected a checkpoint folder.")
         config = local / CONFIG_FILE

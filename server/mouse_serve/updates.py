@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from mouse_core import CheckpointError, ConfigError, ModelConfig, read_checkpoint
-from mouse_serve.config import user_path
+from mouse_core.checkpoint import local_path
 from mouse_serve.errors import ServiceError, failed_precondition, invalid, not_found
 from mouse_serve.memory import release_free_memory
 from mouse_serve.metrics import Metrics
@@ -112,12 +112,8 @@ class ModelUpdater:
         """Update from a checkpoint folder on this server or a Hub repo id (at `revision`)."""
 
         def read() -> dict[str, torch.Tensor]:
-            path = user_path(source)
-            try:
-                exists = path.exists()
-            except (OSError, ValueError):  # a name too long or with a NUL byte: no such folder
-                exists = False
-            if not source or (not exists and (source.startswith((".", "/", "~")) or source.count("/") != 1)):
+            here = local_path(source) is not None
+            if not source or (not here and (source.startswith((".", "/", "~")) or source.count("/") != 1)):
                 raise not_found(
                     f"source {source!r} is not a checkpoint folder on this server nor a Hub repo id "
                     "(org/name).",
