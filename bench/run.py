@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 import refenv  # noqa: E402
 import shapes  # noqa: E402
 import spy as pyspy_profile  # noqa: E402
+import transport  # noqa: E402
 from protocol import CpuWatch, rss_bytes, summarize  # noqa: E402
 
 from server import BenchServer  # noqa: E402
@@ -557,6 +558,13 @@ def bench_shape(shape: str, args: argparse.Namespace, results_dir: Path, stamp: 
                 server=srv,
             )
         res["a_breakdown"] = breakdown(res["a"]["unary"])
+        if res["a_breakdown"]:
+            split = res["a_breakdown"]
+            server_ms = split["round trip (client, mean)"] - split["gRPC and client (round trip - server)"]
+            log(f"{shape}: gRPC transport floor (bare grpcio echo, handler 0 and {server_ms:.1f} ms)")
+            res["transport"] = transport.floor(
+                [0.0, round(server_ms, 2)], threads=args.server_threads, calls=20 if args.quick else 200
+            )
         log(f"{shape}: e gRPC unary, histories {args.histories} in turn")
         e_grpc = run_workers(
             srv.target,
@@ -866,6 +874,20 @@ def table(report: dict[str, Any]) -> str:
             ]
             for stage, ms in split.items():
                 lines.append(f"| {stage} | {ms:.3f} | {100 * ms / rtt:.0f}% |")
+            tr = res.get("transport")
+            if tr:
+                instant, busy = tr["runs"]
+                lines += [
+                    "",
+                    f"gRPC without mouse-serve (`bench/transport.py`: a bare grpcio echo, the same blocking "
+                    f"client, {tr['request_bytes']}/{tr['reply_bytes']}-byte messages): "
+                    f"{instant['transport_mean_ms']:.3f} ms per round trip (mean) with an instant handler, "
+                    f"{busy['transport_mean_ms']:.3f} ms (round trip - handler) when the handler computes for "
+                    f"{busy['handler_ms']:.2f} ms (the server's time above, torch on {tr['threads']} "
+                    f"thread(s)). The row \"gRPC and client\" above is "
+                    f"{split['gRPC and client (round trip - server)'] - busy['transport_mean_ms']:.3f} ms more "
+                    "than that: the client SDK's own Python and anything else outside the server.",
+                ]
         mm = _get(res, "floor_info", "matmul") or {}
         c64 = _get(res, "c", "64") or {}
         if mm and c64.get("flops"):
