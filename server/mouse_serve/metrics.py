@@ -106,6 +106,7 @@ class Metrics:
             registry=r,
         )
         self._stage_children: dict[str, Any] = {}
+        self._queue_children: dict[str, Any] = {}
         self._http = None
 
     def observe_stage(self, stage: str, seconds: float) -> None:
@@ -144,7 +145,10 @@ class Metrics:
         self.pool_bytes.labels(model, "used").set(used_bytes)
 
     def queue_changed(self, model: str, length: int) -> None:
-        self.queue_length.labels(model).set(length)
+        child = self._queue_children.get(model)  # called on every request: skip labels()' lock
+        if child is None:
+            child = self._queue_children[model] = self.queue_length.labels(model)
+        child.set(length)
 
     def observe_request(self, method: str, code: str, seconds: float) -> None:
         key = (method, code)
