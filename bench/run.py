@@ -886,7 +886,9 @@ def table(report: dict[str, Any]) -> str:
                     f"{busy['handler_ms']:.2f} ms (the server's time above, torch on {tr['threads']} "
                     f"thread(s)). The row \"gRPC and client\" above is "
                     f"{split['gRPC and client (round trip - server)'] - busy['transport_mean_ms']:.3f} ms more "
-                    "than that: the client SDK's own Python and anything else outside the server.",
+                    "than that: the client SDK's own Python and anything else outside the server. The "
+                    "non-forward part less grpcio's transport (what mouse-serve's server and client add): "
+                    f"{split['non-forward (round trip - forward - sampling)'] - busy['transport_mean_ms']:.3f} ms.",
                 ]
         mm = _get(res, "floor_info", "matmul") or {}
         c64 = _get(res, "c", "64") or {}
