@@ -562,9 +562,13 @@ def bench_shape(shape: str, args: argparse.Namespace, results_dir: Path, stamp: 
             split = res["a_breakdown"]
             server_ms = split["round trip (client, mean)"] - split["gRPC and client (round trip - server)"]
             log(f"{shape}: gRPC transport floor (bare grpcio echo, handler 0 and {server_ms:.1f} ms)")
-            res["transport"] = transport.floor(
-                [0.0, round(server_ms, 2)], threads=args.server_threads, calls=20 if args.quick else 200
-            )
+            try:
+                res["transport"] = transport.floor(
+                    [0.0, round(server_ms, 2)], threads=args.server_threads, calls=20 if args.quick else 200
+                )
+            except Exception as exc:  # a side measurement: report it, keep the run
+                log(f"{shape}: gRPC transport floor failed: {exc}")
+                res["transport"] = {"error": str(exc)}
         log(f"{shape}: e gRPC unary, histories {args.histories} in turn")
         e_grpc = run_workers(
             srv.target,
@@ -874,8 +878,10 @@ def table(report: dict[str, Any]) -> str:
             ]
             for stage, ms in split.items():
                 lines.append(f"| {stage} | {ms:.3f} | {100 * ms / rtt:.0f}% |")
-            tr = res.get("transport")
-            if tr:
+            tr = res.get("transport") or {}
+            if "error" in tr:
+                lines += ["", f"gRPC without mouse-serve (`bench/transport.py`): failed ({tr['error']})."]
+            if "runs" in tr:
                 instant, busy = tr["runs"]
                 lines += [
                     "",

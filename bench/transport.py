@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import socket
 import statistics
 import struct
@@ -82,8 +83,10 @@ def floor(handler_ms: list[float], threads: int, calls: int = 200, warmup: int =
         env={**os.environ, "OMP_NUM_THREADS": str(threads)},
     )
     try:
-        if server.stdout is None or server.stdout.readline().strip() != "ready":
-            raise RuntimeError("the transport echo server did not start")
+        assert server.stdout is not None
+        ready, _, _ = select.select([server.stdout], [], [], 60.0)
+        if not ready or server.stdout.readline().strip() != "ready":
+            raise RuntimeError("the transport echo server did not start within 60 s")
         runs = []
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             echo = channel.unary_unary(METHOD)
