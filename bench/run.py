@@ -890,7 +890,7 @@ def table(report: dict[str, Any]) -> str:
                     f"{instant['transport_mean_ms']:.3f} ms per round trip (mean) with an instant handler, "
                     f"{busy['transport_mean_ms']:.3f} ms (round trip - handler) when the handler computes for "
                     f"{busy['handler_ms']:.2f} ms (the server's time above, torch on {tr['threads']} "
-                    f"thread(s)). The row \"gRPC and client\" above is "
+                    f'thread(s)). The row "gRPC and client" above is '
                     f"{split['gRPC and client (round trip - server)'] - busy['transport_mean_ms']:.3f} ms more "
                     "than that: the client SDK's own Python and anything else outside the server. The "
                     "non-forward part less grpcio's transport (what mouse-serve's server and client add): "

@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-import transport  # noqa: E402
+import transport
 
 
 def test_transport_floor_subtracts_the_handlers_own_time() -> None:
