@@ -27,8 +27,8 @@ STEP_FIELDS: dict[str, np.dtype] = {
 }
 
 
-# Columns up to this many values are checked as the Python numbers protobuf gives (see
-# `check_values`): for one step, numpy's per-call cost would dominate the whole request.
+# Columns up to this many values are read with np.fromiter and checked as the Python numbers
+# protobuf gives (see `check_values`): for one step, numpy's per-call cost would dominate.
 SMALL_COLUMN = 16
 
 
@@ -77,8 +77,12 @@ def decode_steps(
         if spec.name == "obs_image":  # bytes are 0..255 by construction
             col = np.frombuffer(values, dtype=np.uint8).copy()  # writable, for torch
         else:
-            # fromiter: a third of np.asarray's time on protobuf's repeated fields (1.5 vs 3-5 us)
-            col = np.fromiter(values, dtype=STEP_FIELDS[spec.name], count=size)
+            dtype = STEP_FIELDS[spec.name]
+            # On protobuf's repeated fields np.fromiter takes 2-3 us up to 16 values against 6 us for
+            # np.asarray, which has a bulk path that wins from about 48 (8,000 values: 13 us vs 0.7 ms).
+            col = (
+                np.fromiter(values, dtype, count=size) if size <= SMALL_COLUMN else np.asarray(values, dtype)
+            )
             try:
                 check_values(spec, values if size <= SMALL_COLUMN else col)
             except StepValidationError as exc:
