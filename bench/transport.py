@@ -92,20 +92,20 @@ def floor(handler_ms: list[float], threads: int, calls: int = 200, warmup: int =
             echo = channel.unary_unary(METHOD)
             for ms in handler_ms:
                 request = struct.pack("d", ms / 1e3).ljust(REQUEST_BYTES, b"\0")
-                rtts, transport = [], []
+                rtts, transport_ms = [], []
                 for i in range(warmup + calls):
                     started = time.perf_counter()
                     reply = echo(request, timeout=30)
                     rtt = time.perf_counter() - started
                     if i >= warmup:
                         rtts.append(1e3 * rtt)
-                        transport.append(1e3 * (rtt - struct.unpack_from("d", reply)[0]))
+                        transport_ms.append(1e3 * (rtt - struct.unpack_from("d", reply)[0]))
                 runs.append(
                     {
                         "handler_ms": ms,
                         "round_trip_ms": statistics.median(rtts),
-                        "transport_ms": statistics.median(transport),
-                        "transport_mean_ms": statistics.mean(transport),
+                        "transport_ms": statistics.median(transport_ms),
+                        "transport_mean_ms": statistics.mean(transport_ms),
                         "calls": calls,
                     }
                 )
