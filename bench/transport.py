@@ -117,15 +117,22 @@ def floor(handler_ms: list[float], threads: int, calls: int = 200, warmup: int =
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--handler-ms", default="0,8", help="comma-separated handler times (ms)")
+    p.add_argument("--handler-ms", default="0,8", help="comma-separated handler times (ms, >= 0)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of the handler")
-    p.add_argument("--calls", type=int, default=200)
+    p.add_argument("--calls", type=int, default=200, help="measured calls per handler time")
     p.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.threads < 1 or args.calls < 1:
+        p.error("--threads and --calls must be at least 1.")
     if args.serve is not None:
         _serve(args.serve, args.threads)
         return
-    ms = [float(v) for v in args.handler_ms.split(",") if v.strip()]
+    try:
+        ms = [float(v) for v in args.handler_ms.split(",") if v.strip()]
+    except ValueError:
+        ms = []
+    if not ms or not all(0 <= v < 10_000 for v in ms):
+        p.error(f"--handler-ms {args.handler_ms!r}: expected comma-separated times in ms, e.g. 0,8.")
     print(json.dumps(floor(ms, args.threads, args.calls), indent=1))
 
 
