@@ -135,12 +135,16 @@ def test_start_seq_continues_the_numbering_and_the_seeded_draws(stub: pb_grpc.Ac
 # -- rich error details ---------------------------------------------------------------------------
 def test_a_bad_value_in_a_prefill_names_the_field_and_the_step(stub: pb_grpc.ActionServiceStub) -> None:
     sid = open_session(stub)
-    records = [VARIED.step_record(0, s) for s in range(5)]
-    records[3] = {**records[3], "action": 99}
-    err = refused(lambda: stub.GetAction(request(sid, 1, encode_steps(records))))
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "steps.action at step 3 of 5: got 99; expected an integer in [0, 4)." in err.details()
-    info, fields = details(err)
+    # 20 values are past codec.SMALL_COLUMN: that column is read and checked as an array
+    errors = []
+    for n, bad in ((5, 3), (VARIED.steps, VARIED.steps - 2)):
+        records = [VARIED.step_record(0, s) for s in range(n)]
+        records[bad] = {**records[bad], "action": 99}
+        err = refused(lambda records=records: stub.GetAction(request(sid, 1, encode_steps(records))))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"steps.action at step {bad} of {n}: got 99; expected an integer in [0, 4)." in err.details()
+        errors.append(err)
+    info, fields = details(errors[0])
     assert info.reason == "INVALID_STEPS"
     assert info.metadata["field"] == "steps.action" and info.metadata["step"] == "3"
     assert info.metadata["seq"] == "1" and fields == ["steps.action"]
