@@ -93,7 +93,6 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self._request_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.stage_time = Histogram(
             "mouse_request_stage_seconds",
             "Where requests spend their time, by stage. Per request: decode and encode (protobuf), "
@@ -105,15 +104,20 @@ class Metrics:
             buckets=STAGE_BUCKETS,
             registry=r,
         )
-        self._stage_children: dict[str, Any] = {}
-        self._queue_children: dict[str, Any] = {}
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}  # see _child
         self._http = None
 
-    def observe_stage(self, stage: str, seconds: float) -> None:
-        child = self._stage_children.get(stage)
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, kept: labels() takes a lock and builds a key, too slow for
+        what runs on every request."""
+        key = (metric, labels)
+        child = self._children.get(key)
         if child is None:
-            child = self._stage_children[stage] = self.stage_time.labels(stage)
-        child.observe(seconds)
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        self._child(self.stage_time, stage).observe(seconds)
 
     def model_loaded(self, runner: ModelRunner) -> None:
         name = runner.spec.name
@@ -145,27 +149,17 @@ class Metrics:
         self.pool_bytes.labels(model, "used").set(used_bytes)
 
     def queue_changed(self, model: str, length: int) -> None:
-        child = self._queue_children.get(model)  # called on every request: skip labels()' lock
-        if child is None:
-            child = self._queue_children[model] = self.queue_length.labels(model)
-        child.set(length)
+        self._child(self.queue_length, model).set(length)
 
     def observe_request(self, method: str, code: str, seconds: float) -> None:
-        key = (method, code)
-        children = self._request_children.get(key)
-        if children is None:  # labels() takes a lock and builds a key; cache the children
-            children = self._request_children[key] = (
-                self.requests.labels(method, code),
-                self.latency.labels(method),
-            )
-        children[0].inc()
-        children[1].observe(seconds)
+        self._child(self.requests, method, code).inc()
+        self._child(self.latency, method).observe(seconds)
 
     def observe_batch(self, stats: BatchStats) -> None:
-        self.batch_size.labels(stats.model).observe(stats.size)
-        self.model_time.labels(stats.model).observe(stats.model_time_s)
-        self.actions.labels(stats.model).inc(stats.actions)
-        waits = self.queue_wait.labels(stats.model)
+        self._child(self.batch_size, stats.model).observe(stats.size)
+        self._child(self.model_time, stats.model).observe(stats.model_time_s)
+        self._child(self.actions, stats.model).inc(stats.actions)
+        waits = self._child(self.queue_wait, stats.model)
         for wait in stats.queue_wait_s:
             waits.observe(wait)
         for stage, seconds in stats.stages.items():
