@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import select
-import socket
 import statistics
 import struct
 import subprocess
@@ -32,8 +31,9 @@ REPLY_BYTES = 32  # about a GetActionResponse without scores
 METHOD = "/bench.Transport/Echo"
 
 
-def _serve(port: int, threads: int) -> None:
-    """The echo server: reply after computing for the requested time (first 8 bytes, seconds)."""
+def _serve(threads: int) -> None:
+    """The echo server on a free loopback port (printed as `ready PORT`): reply after computing
+    for the requested time (first 8 bytes of the request, seconds)."""
     import asyncio
 
     import grpc
@@ -56,18 +56,12 @@ def _serve(port: int, threads: int) -> None:
         server.add_generic_rpc_handlers(
             [grpc.method_handlers_generic_handler("bench.Transport", {"Echo": handler})]
         )
-        server.add_insecure_port(f"127.0.0.1:{port}")
+        port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
-        print("ready", flush=True)
+        print(f"ready {port}", flush=True)
         await server.wait_for_termination()
 
     asyncio.run(main())
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def floor(handler_ms: list[float], threads: int, calls: int = 200, warmup: int = 20) -> dict[str, Any]:
@@ -75,9 +69,8 @@ def floor(handler_ms: list[float], threads: int, calls: int = 200, warmup: int =
     in ms: one entry of `runs` per value of `handler_ms`, in order."""
     import grpc
 
-    port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--serve", str(port), "--threads", str(threads)],
+        [sys.executable, str(Path(__file__).resolve()), "--serve", "--threads", str(threads)],
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": str(threads)},
@@ -85,8 +78,10 @@ def floor(handler_ms: list[float], threads: int, calls: int = 200, warmup: int =
     try:
         assert server.stdout is not None
         ready, _, _ = select.select([server.stdout], [], [], 60.0)
-        if not ready or server.stdout.readline().strip() != "ready":
+        words = server.stdout.readline().split() if ready else []
+        if len(words) != 2 or words[0] != "ready":
             raise RuntimeError("the transport echo server did not start within 60 s")
+        port = int(words[1])
         runs = []
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             echo = channel.unary_unary(METHOD)
@@ -120,12 +115,12 @@ def main() -> None:
     p.add_argument("--handler-ms", default="0,8", help="comma-separated handler times (ms, >= 0)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of the handler")
     p.add_argument("--calls", type=int, default=200, help="measured calls per handler time")
-    p.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.threads < 1 or args.calls < 1:
         p.error("--threads and --calls must be at least 1.")
-    if args.serve is not None:
-        _serve(args.serve, args.threads)
+    if args.serve:
+        _serve(args.threads)
         return
     try:
         ms = [float(v) for v in args.handler_ms.split(",") if v.strip()]
