@@ -22,6 +22,7 @@ DEFAULT_MODEL_NAME = "default"
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+CUDA_EXECUTION_PATHS = ("graphs", "eager")  # --execution values that run on CUDA
 MAX_GRPC_MESSAGE = 2**31 - 1
 
 
@@ -129,7 +130,7 @@ def _execution_path(text: str) -> str:
     from mouse_serve.autotune import ExecutionPath  # torch-free
 
     try:
-        ExecutionPath.parse(text, cuda=text.strip() in ("graphs", "eager"))
+        ExecutionPath.parse(text, cuda=text.strip() in CUDA_EXECUTION_PATHS)
     except ValueError as exc:
         raise ValueError(str(exc).removesuffix(".")) from None
     return text.strip()
@@ -463,7 +464,7 @@ def _check_together(c: ServerConfig) -> None:
 def check_execution_device(execution: str, device: str, on_cuda: bool) -> None:
     """A pinned CUDA path (graphs, eager) needs a CUDA device, a CPU path the CPU. `on_cuda`:
     whether `device` is (`auto`: resolved to) a CUDA device. ConfigError otherwise."""
-    cuda_path = execution in ("graphs", "eager")
+    cuda_path = execution in CUDA_EXECUTION_PATHS
     if cuda_path and not on_cuda:
         found = "found no CUDA device" if device == "auto" else "is not a CUDA device"
         raise ConfigError(
@@ -485,7 +486,7 @@ def _check_execution(c: ServerConfig) -> None:
     assert c.execution is not None
     if c.device != "auto":
         check_execution_device(c.execution, c.device, c.device.startswith("cuda"))
-    if c.execution in ("graphs", "eager"):
+    if c.execution in CUDA_EXECUTION_PATHS:
         return
     path = ExecutionPath.parse(c.execution)
     if c.threads and path.threads > c.threads:
