@@ -58,8 +58,6 @@ def lockstep(
     total = warmup + measure
     cols = feed.batch(batch, total)
     slots = [runner.pool.allocate() for _ in range(batch)]
-    if runner.graphs is not None:  # capture every length bucket now, not inside a timed step
-        runner.graphs.prepare(max(slots) + 1, total * runner.model.tokens_per_step)
     actions = np.zeros(batch, dtype=np.int64)
     times = []
     try:

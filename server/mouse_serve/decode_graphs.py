@@ -12,6 +12,7 @@ same fixed-shape forward runs eagerly (tests use that to check its results on CP
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -109,7 +110,7 @@ class DecodeGraph:
 
 
 class DecodeGraphs:
-    """The buckets of one model runner, built on first use.
+    """The buckets of one model runner, built on first use (on CUDA all at start-up: `prepare_all`).
 
     On CUDA all buckets share one graph memory pool. If a capture fails, the failure is logged
     once and every later batch runs eagerly (`run` returns None), instead of retrying it.
@@ -121,19 +122,52 @@ class DecodeGraphs:
         self._memory_pool = torch.cuda.graph_pool_handle() if capture else None
         self.failed: str | None = None  # why capturing stopped
 
-    def prepare(self, rows: int, max_tokens: int) -> None:
-        """Build (capture) now every length bucket up to `max_tokens` for batches on slots
-        `0..rows-1`, so that none is captured inside a timed step (the bench's floor)."""
-        rows = bucket_rows(rows, self.pool.num_slots + 1)
-        length = MIN_LENGTH_BUCKET
+    def buckets(self) -> list[tuple[int, int]]:
+        """Every (rows, length) bucket a decode step on this pool can use, smallest first."""
+        rows_limit, tokens_limit = self.pool.num_slots + 1, self.pool.max_tokens
+        rows = sorted({bucket_rows(1 << i, rows_limit) for i in range(rows_limit.bit_length() + 1)})
+        lengths, length = [], bucket_length(1, tokens_limit)
         while True:
-            length = bucket_length(length, self.pool.max_tokens)
-            if (rows, length) not in self._graphs and self.failed is None:
-                memory = self._memory_pool if self.capture else None
-                self._graphs[(rows, length)] = DecodeGraph(self.model, self.pool, rows, length, memory)
-            if length >= min(max_tokens, self.pool.max_tokens):
+            lengths.append(length)
+            if length >= tokens_limit:
+                break
+            length = bucket_length(2 * length, tokens_limit)
+        return [(r, n) for n in lengths for r in rows]
+
+    def prepare_all(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """Build (capture) every bucket now, so that serving never stops all sessions for a
+        capture when a new row or length bucket is first reached. `progress(done, total)`."""
+        buckets = self.buckets()
+        for i, (rows, length) in enumerate(buckets):
+            if self._get(rows, length, quiet=True) is None:
                 return
-            length *= 2
+            if progress is not None:
+                progress(i + 1, len(buckets))
+
+    def _get(self, rows: int, length: int, quiet: bool = False) -> DecodeGraph | None:
+        """The bucket's graph, built (captured) on first use, with a log line unless `quiet`;
+        None once a capture has failed."""
+        graph = self._graphs.get((rows, length))
+        if graph is not None or self.failed is not None:
+            return graph
+        if not quiet:
+            log.info(
+                "fixed-shape decode for %d rows x %d tokens (%s)",
+                rows,
+                length,
+                "CUDA graph" if self.capture else "eager",
+            )
+        try:
+            graph = DecodeGraph(self.model, self.pool, rows, length, self._memory_pool)
+        except Exception as exc:
+            if not self.capture:
+                raise
+            self.failed = f"{type(exc).__name__}: {exc}"
+            log.exception("capturing the decode graph failed; decode steps run eagerly from now on")
+            torch.cuda.synchronize()
+            return None
+        self._graphs[(rows, length)] = graph
+        return graph
 
     def fits(self, slots: np.ndarray, num_steps: np.ndarray) -> bool:
         """Whether a batch is a plain decode step (one step per session) that fits the pool."""
@@ -157,24 +191,9 @@ class DecodeGraphs:
         rows = bucket_rows(int(slots.max()) + 1, pool.num_slots + 1)
         tokens = int(pool.lengths[slots].max()) + self.model.tokens_per_step
         length = bucket_length(tokens, pool.max_tokens)
-        graph = self._graphs.get((rows, length))
+        graph = self._get(rows, length)
         if graph is None:
-            log.info(
-                "fixed-shape decode for %d rows x %d tokens (%s)",
-                rows,
-                length,
-                "CUDA graph" if self.capture else "eager",
-            )
-            try:
-                graph = DecodeGraph(self.model, pool, rows, length, self._memory_pool)
-            except Exception as exc:
-                if not self.capture:
-                    raise
-                self.failed = f"{type(exc).__name__}: {exc}"
-                log.exception("capturing the decode graph failed; decode steps run eagerly from now on")
-                torch.cuda.synchronize()
-                return None
-            self._graphs[(rows, length)] = graph
+            return None
         scores, actions = graph.run(
             slots[order],
             {k: v[order] for k, v in fields.items()},

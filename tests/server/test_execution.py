@@ -212,3 +212,45 @@ def test_an_unwritable_cache_is_a_warning(caplog: pytest.LogCaptureFixture) -> N
         runner = load(GQA, autotune="on", autotune_cache=Path("/proc/self/autotune.json"))
     assert runner.execution_choices
     assert any("cannot write the execution cache" in r.getMessage() for r in caplog.records)
+
+
+def test_prepared_decode_buckets_cover_every_decode_step() -> None:
+    """`prepare_all` (what a CUDA runner captures before serving) builds every bucket a decode
+    step can reach: sessions on every slot, stepped to the end of the pool, build no other."""
+    runner = load(GQA, decode_graphs="on", max_sessions=5, max_context_steps=200)
+    graphs = runner.graphs
+    assert graphs is not None
+    tokens = runner.pool.max_tokens
+    assert runner.pool.num_slots == 5 and tokens == 200 * runner.model.tokens_per_step > 256
+    # rows: powers of two up to the slot count plus the scratch slot; lengths: 256 up to the pool
+    assert graphs.buckets() == [(r, n) for n in (256, tokens) for r in (1, 2, 4, 6)]
+    seen: list[tuple[int, int]] = []
+    graphs.prepare_all(lambda done, total: seen.append((done, total)))
+    assert seen == [(i, 8) for i in range(1, 9)]
+    built = set(graphs._graphs)
+    assert built == set(graphs.buckets())
+
+    slots = [runner.pool.allocate() for _ in range(5)]
+    lengths = dict.fromkeys(slots, 0)
+    step = {k: v[0, 0:1].copy() for k, v in GQA.input_arrays.items()}
+    for s in range(200):  # slot i steps every (i+1)-th round: every row bucket, every length bucket
+        batch = [slot for i, slot in enumerate(slots) if s % (i + 1) == 0]
+        items = [
+            WorkItem(
+                slot,
+                step,
+                1,
+                lengths[slot] == 0,
+                0.0,
+                runner.model.max_num_actions,
+                0,
+                lengths[slot] + 1,
+                False,
+            )
+            for slot in batch
+        ]
+        runner.run(items)
+        for slot in batch:
+            lengths[slot] += 1
+    assert lengths[slots[0]] == 200  # the first session filled its pool slot
+    assert set(graphs._graphs) == built

@@ -30,8 +30,9 @@ def test_one_step_at_a_time(any_server: ServerProcess, case: GoldenCase) -> None
         assert got == case.greedy(b)
         assert got_trim == case.greedy(b, trimmed=True)
     client.close()
-    if "--decode-graphs" in any_server.args:
-        assert "fixed-shape decode for" in any_server.log  # the path under test really ran
+    if "--decode-graphs" in any_server.args:  # the path under test really ran: built while
+        # serving on the CPU, captured before serving on CUDA
+        assert "fixed-shape decode for" in any_server.log or "decode graphs captured in" in any_server.log
 
 
 def test_all_rows_concurrently(any_server: ServerProcess, case: GoldenCase) -> None:
