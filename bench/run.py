@@ -337,9 +337,10 @@ def _run_workers(
             proc.start()
         deadline = time.monotonic() + timeout
         try:
-            barrier.wait(timeout)  # every worker has warmed up: the measured phase starts
+            barrier.wait(timeout)  # every worker has warmed up
             before = server.scrape() if server else {}
             t_measure = time.perf_counter()
+            barrier.wait(timeout)  # the measured phase starts (worker.start_measuring)
         except threading.BrokenBarrierError:
             pass  # a worker failed (its report says why) or the warm-up timed out
         while len(reports) < len(procs):
@@ -439,6 +440,10 @@ def breakdown(r: dict[str, Any]) -> dict[str, float] | None:
     batch = r.get("server_avg_batch") or 1.0  # per-batch stages are shared by its requests
     per_request = {k: st[k] / batch for k in PER_BATCH_STAGES}
     rtt = r["mean_ms"]
+    if per_request["forward"] == 0.0:  # CUDA graphs: one replay, waited for at the copy to the host
+        device = {"forward and sampling (one CUDA graph replay, actions to the host)": per_request["sample"]}
+    else:
+        device = {"forward": per_request["forward"], "sampling (actions to the host)": per_request["sample"]}
     out = {
         "round trip (client, mean)": rtt,
         "decode (protobuf)": st["decode"],
@@ -446,8 +451,7 @@ def breakdown(r: dict[str, Any]) -> dict[str, float] | None:
         "queue (waiting for a batch)": r.get("server_queue_wait_ms", 0.0),
         "hand-off to and from the runner thread": per_request["handoff"],
         "pack (inputs to tensors)": per_request["pack"],
-        "forward": per_request["forward"],
-        "sampling (actions to the host)": per_request["sample"],
+        **device,
         "unpack (results)": per_request["unpack"],
         "reply (record, build)": st["reply"],
         "encode (protobuf)": st["encode"],

@@ -45,6 +45,13 @@ def _result(spec: dict, latencies: list[float], actions: int, t0: float, t1: flo
 
 
 # -- modes ------------------------------------------------------------------------------------
+def start_measuring(barrier: Any) -> None:
+    """Warmed up: wait for every worker, then for the bench's scrape of the server's metrics
+    (the first step measured must come after it, or the server's figures miss steps)."""
+    barrier.wait()
+    barrier.wait()
+
+
 def _run_threads(spec: dict, barrier: Any, stream: bool) -> dict:
     from mouse_client import ActionClient
 
@@ -88,7 +95,7 @@ def _run_threads(spec: dict, barrier: Any, stream: bool) -> dict:
     if errors:
         barrier.abort()
         raise RuntimeError(errors[0])
-    barrier.wait()
+    start_measuring(barrier)
     t0 = time.perf_counter()
     go.set()
     for t in threads:
@@ -130,7 +137,7 @@ def _run_async(spec: dict, barrier: Any) -> dict:
                         out.append(time.perf_counter() - t)
 
             await asyncio.gather(*(run(i, range(warmup), None) for i in range(n)))
-            await asyncio.get_running_loop().run_in_executor(None, barrier.wait)
+            await asyncio.get_running_loop().run_in_executor(None, start_measuring, barrier)
             t0 = time.perf_counter()
             await asyncio.gather(*(run(i, range(warmup, warmup + measure), lat) for i in range(n)))
             t1 = time.perf_counter()
@@ -156,7 +163,7 @@ def _run_batched(spec: dict, barrier: Any) -> dict:
 
         for s in range(warmup):
             actions = step(s)
-        barrier.wait()
+        start_measuring(barrier)
         t0 = time.perf_counter()
         for s in range(warmup, warmup + measure):
             t = time.perf_counter()
@@ -191,7 +198,7 @@ def _run_history(spec: dict, barrier: Any) -> dict:
 
         for i in range(warmup):
             step(i, None)
-        barrier.wait()
+        start_measuring(barrier)
         lat: list[list[float]] = [[] for _ in histories]
         t0 = time.perf_counter()
         for i in range(warmup, warmup + measure):

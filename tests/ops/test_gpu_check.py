@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -70,3 +71,6 @@ def test_every_step_runs_on_the_cpu(tmp_path: Path) -> None:
         assert row in table, table
     assert "(ok)" in table and "MISMATCH" not in table
     assert (tmp_path / "table.md").read_text() == table
+    # the server's figures for a cover exactly its measured steps (scraped before the first)
+    a = json.loads((tmp_path / "bench.json").read_text())["results"][0]["a"]
+    assert {rpc: r["server_forwards"] for rpc, r in a.items()} == {rpc: r["samples"] for rpc, r in a.items()}
