@@ -623,16 +623,22 @@ def bench_shape(shape: str, args: argparse.Namespace, results_dir: Path, stamp: 
             for n in args.sessions:
                 sizes = worker_sizes(rpc, n, args)
                 log(f"{shape}: b {rpc}, {n} sessions over {len(sizes)} worker(s) {sizes}")
-                r = run_workers(
-                    srv.target,
-                    rpc,
-                    sizes,
-                    warmup=W,
-                    measure=M,
-                    feed=feed,
-                    timeout=args.timeout,
-                    server=srv,
-                )
+                try:
+                    r = run_workers(
+                        srv.target,
+                        rpc,
+                        sizes,
+                        warmup=W,
+                        measure=M,
+                        feed=feed,
+                        timeout=args.timeout,
+                        server=srv,
+                    )
+                except (RuntimeError, TimeoutError) as exc:  # one failed measurement keeps the rest
+                    reason = failure(exc)
+                    log(f"{shape}: b {rpc} at {n} sessions FAILED, the run goes on: {reason}")
+                    res["b"][rpc][str(n)] = {"skipped": f"failed: {reason}", "error": str(exc)}
+                    continue
                 r["server_rss_after"] = rss_bytes(srv.pid)
                 res["b"][rpc][str(n)] = r
         res["server"]["b"]["rss_after_runs"] = rss_bytes(srv.pid)
@@ -655,6 +661,12 @@ def bench_shape(shape: str, args: argparse.Namespace, results_dir: Path, stamp: 
             )
     res["ratios"] = ratios(res)
     return res
+
+
+def failure(exc: BaseException) -> str:
+    """A failed measurement in one line for the table: the last line of its error."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(exc).__name__).replace("|", "/")[:200]
 
 
 def profile_run(srv: BenchServer, args: argparse.Namespace, out: Path, run) -> dict[str, Any]:
@@ -829,9 +841,10 @@ def table(report: dict[str, Any]) -> str:
         for rpc in p["rpcs"]:
             for n in p["sessions"]:
                 r = _get(res, "b", rpc, str(n))
-                label = f"{RPC_LABEL[rpc]}, {len(r['sessions_per_worker']) if r else '?'} procs"
-                if rpc == "batched" and r:
-                    label += f" × {max(r['sessions_per_worker'])} envs (per call)"
+                per_worker = (r or {}).get("sessions_per_worker")
+                label = f"{RPC_LABEL[rpc]}, {len(per_worker) if per_worker else '?'} procs"
+                if rpc == "batched" and per_worker:
+                    label += f" × {max(per_worker)} envs (per call)"
                 row("b", label, r, n)
         for n in p["batches"]:
             row("c", "floor: forward_batch + sample_actions (per lockstep step)", _get(res, "c", str(n)), n)

@@ -249,7 +249,13 @@ def table(args: argparse.Namespace) -> int:
                     f"{_fmt(a.get('median_ms'), 3)} / {_fmt(a.get('p99_ms'), 3)} ms",
                 )
             )
+            for rpc, runs in (res.get("b") or {}).items():  # a failed b measurement, by name
+                for n, r in runs.items():
+                    if "skipped" in r:
+                        rows.append((f"{shape}: b {rpc}, {n} sessions", r["skipped"]))
             for n, r in sorted(((res.get("b") or {}).get("batched") or {}).items(), key=lambda x: int(x[0])):
+                if "skipped" in r:
+                    continue
                 rows.append(
                     (
                         f"{shape}: b BatchGetAction, {n} sessions",

@@ -72,5 +72,31 @@ def test_every_step_runs_on_the_cpu(tmp_path: Path) -> None:
     assert "(ok)" in table and "MISMATCH" not in table
     assert (tmp_path / "table.md").read_text() == table
     # the server's figures for a cover exactly its measured steps (scraped before the first)
-    a = json.loads((tmp_path / "bench.json").read_text())["results"][0]["a"]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    a = report["results"][0]["a"]
     assert {rpc: r["server_forwards"] for rpc, r in a.items()} == {rpc: r["samples"] for rpc, r in a.items()}
+
+    # A b measurement that failed (as bench/run.py records one, going on with the rest) is named
+    # with its reason in both tables, and the other figures stay.
+    sys.path.insert(0, str(REPO / "bench"))
+    import run as bench_run
+
+    error = RuntimeError("batched worker failed:\nTraceback ...\nActionError: CANCELLED: CANCELLED")
+    reason = bench_run.failure(error)
+    assert reason == "ActionError: CANCELLED: CANCELLED"
+    report["results"][0]["b"]["batched"]["2"] = {"skipped": f"failed: {reason}", "error": str(error)}
+    md = bench_run.table(report)
+    assert (
+        "| b | BatchGetAction, ? procs | 2 | - | - | - | - | failed: ActionError: CANCELLED: CANCELLED |"
+        in md
+    )
+    assert "| b | BatchGetAction, 1 procs × 1 envs (per call) | 1 |" in md
+    (tmp_path / "bench.json").write_text(json.dumps(report))
+    rerun = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "gpu_check.py"), "table", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "| mid: b batched, 2 sessions | failed: ActionError: CANCELLED: CANCELLED |" in rerun.stdout
+    assert "| mid: b BatchGetAction, 1 sessions |" in rerun.stdout
