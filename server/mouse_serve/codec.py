@@ -7,11 +7,16 @@ single step in plain Python, where numpy's per-call cost would dominate).
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import numpy as np
 
 from mouse_client.v1 import action_service_pb2 as pb
 from mouse_core import StepSchema, StepValidationError
-from mouse_core.steps import check_values
+from mouse_core.steps import FieldSpec, check_values
 from mouse_serve.errors import exhausted, invalid
 from mouse_serve.runner import ModelRunner
 from mouse_serve.sessions import ActionResult, Session
@@ -28,8 +33,38 @@ STEP_FIELDS: dict[str, np.dtype] = {
 
 
 # Columns up to this many values are read with np.fromiter and checked as the Python numbers
-# protobuf gives (see `check_values`): for one step, numpy's per-call cost would dominate.
+# protobuf gives: for one step, numpy's per-call cost would dominate.
 SMALL_COLUMN = 16
+
+
+@dataclass(frozen=True)
+class _Column:
+    """How one field of a model's schema is read from `Steps` (precomputed per schema)."""
+
+    spec: FieldSpec
+    field: str  # "steps.<name>", for errors
+    per_step: int  # values per step
+    dtype: np.dtype | None  # None: obs_image's bytes
+    floats: bool
+    high: int  # exclusive bound of an int field (0 for floats)
+
+
+@functools.cache
+def _plan(schema: StepSchema) -> tuple[tuple[str, ...], tuple[_Column, ...]]:
+    """The `Steps` fields `schema` does not use, and how to read each one it does."""
+    unused = tuple(name for name in STEP_FIELDS if name not in schema.names)
+    columns = tuple(
+        _Column(
+            spec,
+            f"steps.{spec.name}",
+            max(spec.width, 1),
+            None if spec.name == "obs_image" else STEP_FIELDS[spec.name],
+            spec.kind == "float",
+            spec.high or 0,
+        )
+        for spec in schema.fields
+    )
+    return unused, columns
 
 
 def decode_steps(
@@ -39,22 +74,23 @@ def decode_steps(
 
     Errors name the field (`steps.<name>`) and, for a bad value, the step (0-based) it is in.
     """
-    for name in STEP_FIELDS:
-        if name not in schema.names and len(getattr(steps, name)):
+    unused, columns = _plan(schema)
+    for name in unused:
+        if len(getattr(steps, name)):
             raise invalid(
                 f"steps.{name} is set but model {model!r} does not use it; it reads {list(schema.names)}.",
                 "INVALID_STEPS",
                 field=f"steps.{name}",
             )
     # The step count comes from the first field that is present; a missing one is named below.
-    present = [f for f in schema.fields if len(getattr(steps, f.name))]
-    if not present:
+    first = next((c for c in columns if len(getattr(steps, c.spec.name))), None)
+    if first is None:
         raise invalid(
             f"steps is empty: model {model!r} needs at least one step with {list(schema.names)}.",
             "INVALID_STEPS",
             field="steps",
         )
-    n = len(getattr(steps, present[0].name)) // max(present[0].width, 1)
+    n = len(getattr(steps, first.spec.name)) // first.per_step
     if n > max_steps:
         raise exhausted(
             f"steps carries {n} steps; at most {max_steps} are accepted per request "
@@ -63,36 +99,41 @@ def decode_steps(
             field="steps",
         )
     out: dict[str, np.ndarray] = {}
-    for spec in schema.fields:
+    for c in columns:
+        spec = c.spec
         values = getattr(steps, spec.name)
-        size, want = len(values), n * max(spec.width, 1)
-        field = f"steps.{spec.name}"
+        size, want = len(values), n * c.per_step
         if size != want or n == 0:
             shape = f"{n} steps x {spec.width}" if spec.width else f"{n} steps"
             if size == 0:
-                message = f"{field} is missing; model {model!r} needs {spec.describe()} per step ({shape})."
+                message = f"{c.field} is missing; model {model!r} needs {spec.describe()} per step ({shape})."
             else:
-                message = f"{field} has {size} values; expected {want} ({shape})."
-            raise invalid(message, "INVALID_STEPS", field=field)
-        if spec.name == "obs_image":  # bytes are 0..255 by construction
+                message = f"{c.field} has {size} values; expected {want} ({shape})."
+            raise invalid(message, "INVALID_STEPS", field=c.field)
+        if c.dtype is None:  # obs_image: bytes are 0..255 by construction
             col = np.frombuffer(values, dtype=np.uint8).copy()  # writable, for torch
-        else:
-            dtype = STEP_FIELDS[spec.name]
-            # On protobuf's repeated fields np.fromiter takes 2-3 us up to 16 values against 6 us for
+        elif size <= SMALL_COLUMN:
+            # On protobuf's repeated fields np.fromiter takes 1-3 us up to 16 values against 6 us for
             # np.asarray, which has a bulk path that wins from about 48 (8,000 values: 13 us vs 0.7 ms).
-            col = (
-                np.fromiter(values, dtype, count=size) if size <= SMALL_COLUMN else np.asarray(values, dtype)
-            )
-            try:
-                check_values(spec, values if size <= SMALL_COLUMN else col)
-            except StepValidationError as exc:
-                step = None if exc.index is None else exc.index // max(spec.width, 1)
-                where = "" if step is None or n == 1 else f" at step {step} of {n}"
-                raise invalid(
-                    f"{field}{where}: {exc.detail}", "INVALID_STEPS", field=field, step=step
-                ) from None
-        out[spec.name] = col.reshape((n, spec.width) if spec.width else (n,))
+            col = np.fromiter(values, c.dtype, count=size)
+            ok = all(map(math.isfinite, values)) if c.floats else min(values) >= 0 and max(values) < c.high
+            if not ok:
+                _check(c, values, n)  # raises, naming the value and its step
+        else:
+            col = np.asarray(values, c.dtype)
+            _check(c, col, n)
+        out[spec.name] = col.reshape(n, spec.width) if spec.width else col
     return out, n
+
+
+def _check(c: _Column, values: Sequence[float] | np.ndarray, n: int) -> None:
+    """`check_values`, its error as INVALID_ARGUMENT naming the field and the step."""
+    try:
+        check_values(c.spec, values)
+    except StepValidationError as exc:
+        step = None if exc.index is None else exc.index // c.per_step
+        where = "" if step is None or n == 1 else f" at step {step} of {n}"
+        raise invalid(f"{c.field}{where}: {exc.detail}", "INVALID_STEPS", field=c.field, step=step) from None
 
 
 _KIND = {"int": pb.FIELD_KIND_INT, "float": pb.FIELD_KIND_FLOAT}
