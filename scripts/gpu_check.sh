@@ -38,8 +38,9 @@ if [ "$DEVICE" = cuda ]; then
     || fail "torch ($("$PY" -c 'import torch; print(torch.__version__)' 2>&1 | tail -1)) sees no CUDA device" 2
 fi
 
-# Carried wheels (no network on the GPU machine): install them for this run only.
-if compgen -G ".whl/*.whl" >/dev/null; then
+# Carried wheels (no network on the GPU machine): install them for this run only. Not for the CPU
+# stand-in, which runs in the project's venv (wheels for the GPU machine's Python may not fit it).
+if [ "$DEVICE" = cuda ] && compgen -G ".whl/*.whl" >/dev/null; then
   SITE=${MOUSE_GPU_CHECK_SITE:-/tmp/mouse-gpu-check-site}
   say "installing $(ls .whl/*.whl | wc -l) carried wheel(s) into $SITE"
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
