@@ -854,9 +854,13 @@ class Model(nn.Module):
         packed = self.packed_linears
         for key, value in state.items():
             own[key].copy_(value)
-        self.unpack_weights()  # stale copies; the fused weights refresh in place on next use
+        self.unpack_weights()  # stale copies
         if packed:
             self.use_packed_linears(True)
+        if self.backbone is not None:
+            # Refresh the fused weights in place now: a captured CUDA graph replays without
+            # running Python, so it would never see a refresh left to the next forward.
+            self.backbone.fused_layers()
 
     def polyak_update(self, dqn_tau: float = 0.0, vec_dqn_tau: float = 0.0) -> None:
         """Soft-update the target heads towards their online heads."""

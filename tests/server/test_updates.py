@@ -22,6 +22,7 @@ from mouse_client import ActionClient, encode_steps
 from mouse_client.v1 import action_service_pb2 as pb
 from mouse_client.v1 import action_service_pb2_grpc as pb_grpc
 from mouse_core import Model, load_model, save_model
+from mouse_core.model import FusedLayer
 from tests.helpers import config_with, golden_cases
 from tests.server.test_metrics import free_port, scrape, value
 from tests.server_process import ServerProcess
@@ -155,6 +156,22 @@ def test_keep_extends_the_old_cache_with_the_new_weights(
     expected = out[model.action_head][0, -1].numpy()
     np.testing.assert_allclose(reply.scores, expected, rtol=1e-4, atol=1e-5)
     assert not np.allclose(reply.scores, no_cache_scores(checkpoints["b"], 0, N + 1), rtol=1e-4, atol=1e-5)
+
+
+def test_copied_weights_reach_the_fused_tensors_at_once(checkpoints: dict[str, Path]) -> None:
+    """A captured CUDA graph reads the fused q/k/v and gate/up tensors without running Python:
+    `copy_weights_` must refresh those same tensors itself, not on the next eager forward."""
+    model = load_model(checkpoints["a"])
+    assert model.backbone is not None
+    fused = model.backbone.fused_layers()
+    held = [t for layer in fused for t in (layer.qkv.weight, layer.gate_up.weight)]
+    old = [t.clone() for t in held]
+    model.copy_weights_(load_model(checkpoints["b"]).state_dict())
+    assert model.backbone._fused is fused  # the tensors a graph captured stay the ones in use
+    fresh = [FusedLayer(layer) for layer in model.backbone.layers]  # type: ignore[arg-type]
+    expected = [t for layer in fresh for t in (layer.qkv.weight, layer.gate_up.weight)]
+    for t, before, want in zip(held, old, expected, strict=True):
+        assert torch.equal(t, want) and not torch.equal(t, before)
 
 
 def test_reset_starts_the_context_over(stub: pb_grpc.ActionServiceStub, checkpoints: dict[str, Path]) -> None:
