@@ -124,8 +124,9 @@ class DecodeGraphs:
 
     def buckets(self) -> list[tuple[int, int]]:
         """Every (rows, length) bucket a decode step on this pool can use, smallest first."""
-        rows_limit, tokens_limit = self.pool.num_slots + 1, self.pool.max_tokens
-        rows = sorted({bucket_rows(1 << i, rows_limit) for i in range(rows_limit.bit_length() + 1)})
+        slots, tokens_limit = self.pool.num_slots, self.pool.max_tokens
+        # `run` buckets the highest slot + 1, at most `num_slots` (the scratch slot is never in a batch)
+        rows = sorted({bucket_rows(min(1 << i, slots), slots + 1) for i in range(slots.bit_length() + 1)})
         lengths, length = [], bucket_length(1, tokens_limit)
         while True:
             lengths.append(length)
@@ -165,6 +166,8 @@ class DecodeGraphs:
             self.failed = f"{type(exc).__name__}: {exc}"
             log.exception("capturing the decode graph failed; decode steps run eagerly from now on")
             torch.cuda.synchronize()
+            self._graphs.clear()  # never replayed again: give their memory to the eager path
+            torch.cuda.empty_cache()
             return None
         self._graphs[(rows, length)] = graph
         return graph

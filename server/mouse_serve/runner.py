@@ -363,7 +363,7 @@ class ModelRunner:
                 done()
             if slow:
                 log.info("model %r: %s ready in %.1fs", self.spec.name, path, time.perf_counter() - started)
-        if self.cuda and self.graphs is not None and any(p.graphs for p in paths):
+        if self.cuda and self.graphs is not None and (self._force_graphs or any(p.graphs for p in paths)):
             self._capture_graphs()
 
     def _capture_graphs(self) -> None:

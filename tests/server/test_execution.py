@@ -254,3 +254,7 @@ def test_prepared_decode_buckets_cover_every_decode_step() -> None:
             lengths[slot] += 1
     assert lengths[slots[0]] == 200  # the first session filled its pool slot
     assert set(graphs._graphs) == built
+    # with a power of two of sessions no batch needs more rows than sessions (the scratch slot
+    # is never in one), so no larger bucket is built
+    pow2 = load(GQA, decode_graphs="on", max_sessions=4, max_context_steps=8).graphs
+    assert pow2 is not None and pow2.buckets() == [(1, 16), (2, 16), (4, 16)]
