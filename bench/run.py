@@ -354,7 +354,10 @@ def _run_workers(
                     raise RuntimeError(f"{mode} workers exited without reporting") from None
         after = server.scrape() if server else {}
         t_after = time.perf_counter()
-        errors = [r["error"] for r in reports if "error" in r]
+        # the worker that failed, rather than those it stopped at the barrier
+        errors = sorted(
+            (r["error"] for r in reports if "error" in r), key=lambda e: "BrokenBarrierError" in e
+        )
         if errors:
             raise RuntimeError(f"{mode} worker failed:\n{errors[0]}")
         for proc in procs:
@@ -638,6 +641,7 @@ def bench_shape(shape: str, args: argparse.Namespace, results_dir: Path, stamp: 
                     reason = failure(exc)
                     log(f"{shape}: b {rpc} at {n} sessions FAILED, the run goes on: {reason}")
                     res["b"][rpc][str(n)] = {"skipped": f"failed: {reason}", "error": str(exc)}
+                    srv.restart()  # its workers' sessions may still hold the server's slots
                     continue
                 r["server_rss_after"] = rss_bytes(srv.pid)
                 res["b"][rpc][str(n)] = r

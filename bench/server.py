@@ -136,6 +136,13 @@ class BenchServer:
                 out[m.group(1) + m.group(2)] = value
         return out
 
+    def restart(self) -> BenchServer:
+        """A new server process with the same arguments: no sessions left over from a failed run."""
+        self.stop()
+        self._listening.clear()
+        self.port = 0
+        return self.start()
+
     def stop(self, timeout: float = 15.0) -> None:
         proc, self.proc = self.proc, None
         if proc is None:
