@@ -62,6 +62,7 @@ say "bfloat16 agreement with the golden greedy actions (in the background)"
 timeout 170 "$PY" scripts/gpu_check.py agreement --device "$DEVICE" --dtype bfloat16 --out "$OUT/bf16.json" \
   >"$OUT/bf16.log" 2>&1 &
 BF16_PID=$!
+trap 'kill "$BF16_PID" 2>/dev/null' EXIT  # not left running if this script is stopped
 say "golden end-to-end tests on $DEVICE, float32"
 MOUSE_TEST_DEVICE=$DEVICE MOUSE_TEST_DTYPE=float32 timeout 170 "$PY" -m pytest -q -p no:cacheprovider \
   tests/server/test_golden_e2e.py -o addopts="" --junitxml="$OUT/golden_e2e.xml" -k "${MOUSE_GPU_CHECK_TESTS:-}" \
