@@ -621,22 +621,20 @@ def bench_shape(shape: str, args: argparse.Namespace, results_dir: Path, stamp: 
             "rss_after_start": rss0,
         }
         res["b"] = {}
+        b_args: dict[str, Any] = {
+            "warmup": W,
+            "measure": M,
+            "feed": feed,
+            "timeout": args.timeout,
+            "server": srv,
+        }
         for rpc in args.rpcs:
             res["b"][rpc] = {}
             for n in args.sessions:
                 sizes = worker_sizes(rpc, n, args)
                 log(f"{shape}: b {rpc}, {n} sessions over {len(sizes)} worker(s) {sizes}")
                 try:
-                    r = run_workers(
-                        srv.target,
-                        rpc,
-                        sizes,
-                        warmup=W,
-                        measure=M,
-                        feed=feed,
-                        timeout=args.timeout,
-                        server=srv,
-                    )
+                    r = run_workers(srv.target, rpc, sizes, **b_args)
                 except (RuntimeError, TimeoutError) as exc:  # one failed measurement keeps the rest
                     reason = failure(exc)
                     log(f"{shape}: b {rpc} at {n} sessions FAILED, the run goes on: {reason}")
@@ -652,16 +650,7 @@ def bench_shape(shape: str, args: argparse.Namespace, results_dir: Path, stamp: 
                 srv,
                 args,
                 results_dir / f"{stamp}-{shape}-profile-b-batched-64.txt",
-                lambda: _run_workers(
-                    srv.target,
-                    "batched",
-                    sizes,
-                    warmup=W,
-                    measure=M,
-                    feed=feed,
-                    timeout=args.timeout,
-                    server=srv,
-                ),
+                lambda: _run_workers(srv.target, "batched", sizes, **b_args),
             )
     res["ratios"] = ratios(res)
     return res
