@@ -9,7 +9,7 @@ import pytest
 
 from mouse_serve.config import ModelSpec
 from mouse_serve.errors import ServiceError
-from mouse_serve.runner import ModelRunner, WorkItem
+from mouse_serve.runner import ModelRunner, WorkItem, WorkResult
 from mouse_serve.scheduler import BatchStats, Scheduler
 from tests.helpers import golden_cases
 
@@ -88,19 +88,25 @@ def test_long_prefills_advance_chunk_by_chunk_between_decode_steps(runner: Model
     async def scenario() -> tuple[list[BatchStats], list[str]]:
         stats: list[BatchStats] = []
         finished: list[str] = []
+        decodes: list[asyncio.Future[WorkResult]] = []
         tps = runner.model.tokens_per_step
-        scheduler = Scheduler(runner, max_batch_tokens=4096, on_batch=stats.append)
+
+        def on_batch(batch: BatchStats) -> None:
+            stats.append(batch)
+            if len(stats) == 1:  # the first chunk ran: the decode arrives before the next batch
+                decodes.append(scheduler.submit(item(runner, slots[2])))
+                decodes[0].add_done_callback(lambda _: finished.append("decode"))
+
+        scheduler = Scheduler(runner, max_batch_tokens=4096, on_batch=on_batch)
         slots = [scheduler.allocate_slot() for _ in range(3)]
         prefills = [scheduler.submit(item(runner, s, steps=10)) for s in slots[:2]]
         for name, future in zip(("prefill", "prefill"), prefills, strict=True):
             future.add_done_callback(lambda _, name=name: finished.append(name))
         scheduler.start()
         try:
-            while not stats:  # the first chunk ran
+            while not decodes:
                 await asyncio.sleep(0.001)
-            decode = scheduler.submit(item(runner, slots[2]))
-            decode.add_done_callback(lambda _: finished.append("decode"))
-            results = await asyncio.gather(*prefills, decode)
+            results = await asyncio.gather(*prefills, decodes[0])
             assert all(0 <= r.action < runner.model.max_num_actions for r in results)
             assert [runner.pool.lengths[s] for s in slots] == [10 * tps, 10 * tps, tps]
         finally:
