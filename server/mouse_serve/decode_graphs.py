@@ -123,27 +123,26 @@ class DecodeGraphs:
         self.failed: str | None = None  # why capturing stopped
 
     def buckets(self) -> list[tuple[int, int]]:
-        """Every (rows, length) bucket a decode step on this pool can use, smallest first."""
-        slots, tokens_limit = self.pool.num_slots, self.pool.max_tokens
-        # `run` buckets the highest slot + 1, at most `num_slots` (the scratch slot is never in a batch)
-        rows = sorted({bucket_rows(min(1 << i, slots), slots + 1) for i in range(slots.bit_length() + 1)})
-        lengths, length = [], bucket_length(1, tokens_limit)
-        while True:
-            lengths.append(length)
-            if length >= tokens_limit:
-                break
-            length = bucket_length(2 * length, tokens_limit)
+        """Every (rows, length) bucket a decode step on this pool can use, smallest first: the
+        buckets `run` picks for each highest slot + 1 (the scratch slot is never in a batch) and
+        each token count."""
+        slots, tokens = self.pool.num_slots, self.pool.max_tokens
+        rows = sorted({bucket_rows(n, slots + 1) for n in range(1, slots + 1)})
+        lengths = sorted({bucket_length(t, tokens) for t in range(1, tokens + 1)})
         return [(r, n) for n in lengths for r in rows]
 
     def prepare_all(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Build (capture) every bucket now, so that serving never stops all sessions for a
-        capture when a new row or length bucket is first reached. `progress(done, total)`."""
+        capture when a new row or length bucket is first reached. `progress(done, total)`, from
+        (0, total) on."""
         buckets = self.buckets()
         for i, (rows, length) in enumerate(buckets):
+            if progress is not None:
+                progress(i, len(buckets))
             if self._get(rows, length, quiet=True) is None:
                 return
-            if progress is not None:
-                progress(i + 1, len(buckets))
+        if progress is not None:
+            progress(len(buckets), len(buckets))
 
     def _get(self, rows: int, length: int, quiet: bool = False) -> DecodeGraph | None:
         """The bucket's graph, built (captured) on first use, with a log line unless `quiet`;

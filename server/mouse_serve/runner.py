@@ -370,21 +370,20 @@ class ModelRunner:
         """Capture every decode bucket before serving: a capture while serving (30-60 ms on an
         H200) would stop every session of the model when a new row or length bucket is first reached."""
         assert self.graphs is not None
-        total, started = len(self.graphs.buckets()), time.perf_counter()
-        log.info("model %r: capturing %d decode graphs (rows x context buckets) ...", self.spec.name, total)
+        started = time.perf_counter()
 
         def progress(done: int, total: int) -> None:
-            if done < total and done % max(total // 4, 1) == 0:
-                log.info("model %r: %d/%d decode graphs captured", self.spec.name, done, total)
+            name = self.spec.name
+            if done == 0:
+                log.info("model %r: capturing %d decode graphs (rows x context buckets) ...", name, total)
+            elif done == total:
+                log.info(
+                    "model %r: %d decode graphs captured in %.1fs", name, total, time.perf_counter() - started
+                )
+            elif done % max(total // 4, 1) == 0:
+                log.info("model %r: %d/%d decode graphs captured", name, done, total)
 
         self.graphs.prepare_all(progress)
-        if self.graphs.failed is None:
-            log.info(
-                "model %r: %d decode graphs captured in %.1fs",
-                self.spec.name,
-                total,
-                time.perf_counter() - started,
-            )
 
     def _apply(self, path: ExecutionPath) -> None:
         if not self.cuda and torch.get_num_threads() != path.threads:
