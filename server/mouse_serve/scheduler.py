@@ -28,7 +28,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 
@@ -58,7 +58,7 @@ class _Pending:
     item: WorkItem
     future: asyncio.Future[WorkResult]
     deadline: float | None  # time.monotonic() deadline; only checked before the first chunk
-    queued_at: float = field(default_factory=time.monotonic)
+    queued_at: float  # time.monotonic()
     done_steps: int = 0  # steps already applied (chunks of a prefill)
     oldest_version: int = 0  # model version of its first chunk (weights may change between chunks)
 
@@ -135,17 +135,29 @@ class Scheduler:
 
     def submit(self, item: WorkItem, deadline: float | None = None) -> asyncio.Future[WorkResult]:
         """Queue `item`; the future resolves once all its steps have been applied."""
-        future: asyncio.Future[WorkResult] = asyncio.get_running_loop().create_future()
-        pending = _Pending(item, future, deadline)
-        (self._decodes if item.num_steps == 1 else self._prefills).append(pending)
-        replied = self._replied.pop(item.slot, None)
-        if replied is not None:
-            gap = pending.queued_at - replied
-            previous = self._turnaround.get(item.slot, gap)
-            self._turnaround[item.slot] = 0.5 * previous + 0.5 * gap
+        return self.submit_many([item], deadline)[0]
+
+    def submit_many(
+        self, items: Sequence[WorkItem], deadline: float | None = None
+    ) -> list[asyncio.Future[WorkResult]]:
+        """Queue `items` in order (one wake-up for all); a future per item, as `submit`."""
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        futures = []
+        for item in items:
+            future: asyncio.Future[WorkResult] = loop.create_future()
+            futures.append(future)
+            (self._decodes if item.num_steps == 1 else self._prefills).append(
+                _Pending(item, future, deadline, now)
+            )
+            replied = self._replied.pop(item.slot, None)
+            if replied is not None:
+                gap = now - replied
+                previous = self._turnaround.get(item.slot, gap)
+                self._turnaround[item.slot] = 0.5 * previous + 0.5 * gap
         self._queue_changed()
         self._wake.set()
-        return future
+        return futures
 
     def cancel(self, future: asyncio.Future[WorkResult]) -> bool:
         """Withdraw an item none of whose steps ran yet; False once it has started."""

@@ -36,7 +36,7 @@ from mouse_serve.errors import (
     unavailable,
 )
 from mouse_serve.runner import ModelRunner
-from mouse_serve.sessions import SessionManager, SessionSettings
+from mouse_serve.sessions import ActionResult, SessionManager, SessionSettings, StepRequest, check_sampling
 from mouse_serve.updates import ModelUpdater, UpdateOutcome, upload_limit
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ T = TypeVar("T")
 def _status(exc: Exception) -> ServiceError:
     if isinstance(exc, ServiceError):
         return exc
-    log.exception("unexpected error while serving a request")
+    log.error("unexpected error while serving a request", exc_info=exc)
     return internal(
         f"internal error ({type(exc).__name__}); the request was not applied, the server keeps serving."
     )
@@ -269,29 +269,26 @@ class ActionService(pb_grpc.ActionServiceServicer):
                 field=SESSION_HEADER,
             )
 
+    def _prepare(self, req: pb.GetActionRequest, owner: str | None) -> StepRequest:
+        """Decode and validate a GetAction before it touches its session."""
+        session = self.sessions.get(req.session_id, owner)
+        model = self.sessions.runners[session.model].model
+        steps, n = decode_steps(req.steps, model.step_schema, session.model, self.max_steps_per_request)
+        temperature = req.temperature if req.HasField("temperature") else None
+        num_actions = req.num_actions if req.HasField("num_actions") else None
+        check_sampling(temperature, num_actions, model.max_num_actions)
+        return StepRequest(
+            session, req.seq, request_digest(req), steps, n, temperature, num_actions, req.return_scores
+        )
+
     async def _get_action(
         self, req: pb.GetActionRequest, owner: str | None, deadline: float | None, bounded: bool = True
     ) -> pb.GetActionResponse:
         started = time.perf_counter()
         try:
-            session = self.sessions.get(req.session_id, owner)
-            runner = self.sessions.runners[session.model]
-            steps, n = decode_steps(
-                req.steps, runner.model.step_schema, session.model, self.max_steps_per_request
-            )
+            request = self._prepare(req, owner)
             validated = time.perf_counter()
-            result = await self.sessions.step(
-                session,
-                req.seq,
-                request_digest(req),
-                steps,
-                n,
-                temperature=req.temperature if req.HasField("temperature") else None,
-                num_actions=req.num_actions if req.HasField("num_actions") else None,
-                want_scores=req.return_scores,
-                deadline=deadline,
-                bounded=bounded,
-            )
+            result = await self.sessions.step(request, deadline=deadline, bounded=bounded)
         except ServiceError as err:
             err.add(session_id=req.session_id or None, seq=req.seq)
             raise
@@ -419,21 +416,39 @@ class ActionService(pb_grpc.ActionServiceServicer):
         self, request: pb.BatchGetActionRequest, context: grpc.aio.ServicerContext
     ) -> pb.BatchGetActionResponse:
         async def handle(owner: str | None) -> pb.BatchGetActionResponse:
-            deadline = _deadline(context)
-            items = await asyncio.gather(
-                *(
-                    self._item("BatchGetAction", r, owner, deadline, entry=i)
-                    for i, r in enumerate(request.requests)
-                )
-            )
-            return pb.BatchGetActionResponse(
-                results=[
-                    pb.BatchGetActionResult(response=item)
-                    if isinstance(item, pb.GetActionResponse)
-                    else pb.BatchGetActionResult(error=item)
-                    for item in items
-                ]
-            )
+            started = time.perf_counter()
+            entries = request.requests
+            prepared: list[StepRequest | Exception] = []
+            for req in entries:
+                try:
+                    prepared.append(self._prepare(req, owner))
+                except ServiceError as err:
+                    prepared.append(err)
+            valid = [p for p in prepared if isinstance(p, StepRequest)]
+            validated = time.perf_counter()
+            outcomes = iter(await self.sessions.step_many(valid, deadline=_deadline(context)))
+            stepped = time.perf_counter()
+            results = []
+            observe = self.metrics.observe_request
+            for i, (req, p) in enumerate(zip(entries, prepared, strict=True)):
+                outcome = next(outcomes) if isinstance(p, StepRequest) else p
+                if isinstance(outcome, ActionResult):
+                    results.append(pb.BatchGetActionResult(response=action_reply(outcome)))
+                    code = "OK"
+                else:
+                    err = _status(outcome).add(session_id=req.session_id or None, seq=req.seq, entry=i)
+                    results.append(pb.BatchGetActionResult(error=err.request_error()))
+                    code = err.code.name
+                observe("BatchGetAction", code, time.perf_counter() - started)
+            if entries:  # per request as for GetAction: each entry's share of validation and reply
+                n, done = len(entries), time.perf_counter()
+                for stage, seconds in (
+                    ("validate", (validated - started) / n),
+                    ("step", stepped - validated),
+                    ("reply", (done - stepped) / n),
+                ):
+                    self.metrics.observe_stage(stage, seconds, n)
+            return pb.BatchGetActionResponse(results=results)
 
         return await self._unary("BatchGetActionCall", request, context, handle)
 

@@ -11,14 +11,17 @@ when idle. Every status the server answers for a request means the request was n
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import re
 import secrets
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +34,7 @@ from mouse_serve.errors import (
     invalid,
     not_found,
     permission_denied,
+    unavailable,
 )
 from mouse_serve.metrics import Metrics
 from mouse_serve.runner import ModelRunner, WorkItem, WorkResult
@@ -103,6 +107,54 @@ class StepHistory:
         return {name: a[self._end - k : self._end] for name, a in self._arrays.items()}
 
 
+class SessionLock:
+    """A FIFO asyncio lock that can also be taken without waiting (`try_acquire`), so that a batch
+    takes the locks of all its sessions at once or none. A release hands the lock straight to the
+    next waiter: it is never free while someone waits for it."""
+
+    def __init__(self) -> None:
+        self._held = False
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def locked(self) -> bool:
+        return self._held
+
+    def try_acquire(self) -> bool:
+        if self._held:
+            return False
+        self._held = True
+        return True
+
+    async def acquire(self) -> None:
+        if self.try_acquire():
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.cancelled():
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+            else:  # handed over just as the wait was cancelled: pass it on
+                self.release()
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._held = False
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+
 @dataclass
 class ActionResult:
     """What a GetAction answers (transport-independent)."""
@@ -141,7 +193,31 @@ class Session:
     closed: bool = False
     in_flight: int = 0  # requests applying or waiting for the lock
     last_used: float = field(default_factory=time.monotonic)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    lock: SessionLock = field(default_factory=SessionLock)
+
+
+@dataclass
+class StepRequest:
+    """One GetAction for a session, decoded and validated."""
+
+    session: Session
+    seq: int  # 0: the session's next
+    digest: bytes  # identifies the content (steps and reply options), for retries
+    steps: dict[str, np.ndarray]
+    num_steps: int
+    temperature: float | None = None  # None: the session's
+    num_actions: int | None = None
+    want_scores: bool = False
+
+
+@dataclass
+class _Applying:
+    """A request past its checks, with the work item that applies it."""
+
+    request: StepRequest
+    seq: int
+    item: WorkItem
+    truncated: bool
 
 
 @dataclass(frozen=True)
@@ -355,27 +431,16 @@ class SessionManager:
 
     # -- steps --------------------------------------------------------------------------------
     async def step(
-        self,
-        session: Session,
-        seq: int,
-        digest: bytes,
-        steps: dict[str, np.ndarray],
-        num_steps: int,
-        *,
-        temperature: float | None,
-        num_actions: int | None,
-        want_scores: bool,
-        deadline: float | None = None,
-        bounded: bool = True,
+        self, request: StepRequest, *, deadline: float | None = None, bounded: bool = True
     ) -> ActionResult:
-        """Apply `steps` to the session in order and return the action for the last one.
+        """Apply the request's steps to its session in order and return the action for the last one.
 
-        `digest` identifies the request's content (steps and reply options): a retry of the last
-        applied seq must carry the same one. With `bounded`, a request that would wait behind
-        more than `max_pending_per_session` others of the session is refused (a stream's
-        requests are bounded by the stream instead, which stops reading).
+        A retry of the session's last applied seq (same `digest`) gets the same reply; the same
+        seq with other content is refused. With `bounded`, a request that would wait behind more
+        than `max_pending_per_session` others of the session is refused (a stream's requests are
+        bounded by the stream instead, which stops reading).
         """
-        check_sampling(temperature, num_actions, self.runners[session.model].model.max_num_actions)
+        session = request.session
         if bounded and session.in_flight > self.max_pending_per_session:
             raise exhausted(
                 f"session {session.id!r} already has {session.in_flight} requests in flight "
@@ -385,33 +450,119 @@ class SessionManager:
             )
         session.in_flight += 1
         try:
-            async with session.lock:
-                return await self._step_locked(
-                    session, seq, digest, steps, num_steps, temperature, num_actions, want_scores, deadline
-                )
-        finally:
+            await session.lock.acquire()
+        except BaseException:
             session.in_flight -= 1
-            session.last_used = time.monotonic()
+            raise
+        (outcome,) = await self._apply([request], deadline)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
-    async def _step_locked(
-        self,
-        session: Session,
-        seq: int,
-        digest: bytes,
-        steps: dict[str, np.ndarray],
-        num_steps: int,
-        temperature: float | None,
-        num_actions: int | None,
-        want_scores: bool,
-        deadline: float | None,
-    ) -> ActionResult:
+    async def step_many(
+        self, requests: Sequence[StepRequest], *, deadline: float | None = None
+    ) -> list[ActionResult | Exception]:
+        """Each request's reply or error, as if each ran `step` concurrently (a BatchGetAction).
+
+        When the requests are of distinct sessions with nothing in flight (a group of environments
+        stepping together), they are applied together: one pass over the requests, their work
+        items queued at once, one wake-up when all are answered. Otherwise each runs as `step`.
+        """
+        sessions = [r.session for r in requests]
+        if len({id(s) for s in sessions}) == len(sessions):
+            locked = []
+            for session in sessions:
+                if not session.lock.try_acquire():
+                    break
+                locked.append(session)
+            if len(locked) == len(sessions):
+                for session in sessions:
+                    session.in_flight += 1
+                return await self._apply(requests, deadline)
+            for session in locked:
+                session.lock.release()
+        return list(await asyncio.gather(*(self._step_outcome(r, deadline) for r in requests)))
+
+    async def _step_outcome(self, request: StepRequest, deadline: float | None) -> ActionResult | Exception:
+        try:
+            return await self.step(request, deadline=deadline)
+        except Exception as exc:
+            return exc
+
+    async def _apply(
+        self, requests: Sequence[StepRequest], deadline: float | None
+    ) -> list[ActionResult | Exception]:
+        """Apply requests whose sessions' locks the caller holds (with `in_flight` counted).
+
+        Each request's outcome is recorded, and its session released, as soon as it is final:
+        at once for a refused request or a retry's reply, when its forward finishes for the
+        others. That holds even when the caller is cancelled while waiting: requests still queued
+        are then withdrawn (nothing applied), and those already running are recorded when they
+        finish, so a retry of their seq gets their reply.
+        """
+        outcomes: list[Any] = [None] * len(requests)
+        waiting: list[tuple[Scheduler, asyncio.Future[WorkResult]]] = []
+        queued: dict[str, list[tuple[int, _Applying]]] = {}
+        for i, request in enumerate(requests):
+            try:
+                begun = self._begin(request)
+            except ServiceError as err:
+                begun = err
+            if isinstance(begun, _Applying):
+                queued.setdefault(request.session.model, []).append((i, begun))
+            else:
+                outcomes[i] = begun
+                self._release(request.session)
+        if not queued:
+            return outcomes
+        all_done = asyncio.get_running_loop().create_future()
+        left = sum(map(len, queued.values()))
+
+        def finished(i: int, applying: _Applying, future: asyncio.Future[WorkResult]) -> None:
+            nonlocal left
+            try:
+                outcomes[i] = self._conclude(applying, future)
+            except Exception as exc:  # a bug here must not leave the caller waiting forever
+                log.exception("recording a step failed")
+                applying.request.session.resync = True
+                outcomes[i] = exc
+            finally:
+                self._release(applying.request.session)
+                left -= 1
+                if not left and not all_done.done():
+                    all_done.set_result(None)
+
+        for model, items in queued.items():
+            scheduler = self.schedulers[model]
+            futures = scheduler.submit_many([applying.item for _, applying in items], deadline)
+            for (i, applying), future in zip(items, futures, strict=True):
+                future.add_done_callback(functools.partial(finished, i, applying))
+                waiting.append((scheduler, future))
+        try:
+            await all_done
+        except asyncio.CancelledError:
+            # Withdraw the items still queued (nothing applied); `finished` records the running ones.
+            for scheduler, future in waiting:
+                scheduler.cancel(future)
+            raise
+        return outcomes
+
+    def _release(self, session: Session) -> None:
+        session.in_flight -= 1
+        session.last_used = time.monotonic()
+        session.lock.release()
+
+    def _begin(self, request: StepRequest) -> ActionResult | _Applying:
+        """Checks and the work item of a request whose session's lock is held: a retry of the last
+        seq gets its reply back (the cache untouched); a refused one raises ServiceError."""
+        session, seq = request.session, request.seq
         if session.closed:
             raise self._gone_error(session.id)
         last = session.last_seq
         if seq == 0:
             seq = last + 1
         elif seq == last and session.last_reply is not None:
-            if digest == session.last_digest:
+            if request.digest == session.last_digest:
                 return session.last_reply  # a retry: same reply, cache untouched
             raise failed_precondition(
                 f"seq {seq} was already applied with other steps or options; a retry must repeat the "
@@ -438,72 +589,54 @@ class SessionManager:
         if stale and session.on_update == UpdatePolicy.RESET:
             self._clear_context(session)
         rebuild = session.resync or (stale and session.on_update == UpdatePolicy.REFILL)
-        window, total, reset, truncated = self._window(session, steps, num_steps, rebuild)
+        window, total, reset, truncated = self._window(session, request.steps, request.num_steps, rebuild)
         item = WorkItem(
             slot=session.slot,
             steps=window,
             num_steps=total,
             reset=reset,
-            temperature=session.temperature if temperature is None else float(temperature),
-            num_actions=num_actions or session.num_actions,
+            temperature=session.temperature if request.temperature is None else float(request.temperature),
+            num_actions=request.num_actions or session.num_actions,
             seed=session.seed,
             seq=seq,
-            want_scores=want_scores,
+            want_scores=request.want_scores,
         )
-        scheduler = self.schedulers[session.model]
-        pending = scheduler.submit(item, deadline)
-        try:
-            result: WorkResult = await asyncio.shield(pending)
-        except asyncio.CancelledError:
-            if scheduler.cancel(pending):
-                raise  # still queued: nothing was applied
-            # Already computing: record the outcome so a retry of this seq gets its reply.
-            result = await self._finish(session, pending)
-            self._record(session, seq, digest, steps, num_steps, item, result, truncated)
-            raise
-        except ServiceError:
-            raise  # refused before it ran (e.g. deadline): nothing was applied
-        except Exception:
+        return _Applying(request, seq, item, truncated)
+
+    def _conclude(self, applying: _Applying, future: asyncio.Future[WorkResult]) -> ActionResult | Exception:
+        """The outcome of a finished work item; records it in the session if it was applied."""
+        session = applying.request.session
+        if future.cancelled():  # withdrawn while queued: nothing was applied
+            return unavailable("the request was cancelled before it ran; it was not applied.", "CANCELLED")
+        exc = future.exception()
+        if isinstance(exc, ServiceError):
+            return exc  # refused before it ran (e.g. its deadline passed): nothing was applied
+        if exc is not None:
             session.resync = True  # the cache may hold part of it: rebuild from history next time
-            raise
-        return self._record(session, seq, digest, steps, num_steps, item, result, truncated)
+            return exc
+        return self._record(applying, future.result())
 
     @staticmethod
-    async def _finish(session: Session, pending: asyncio.Future[WorkResult]) -> WorkResult:
-        try:
-            return await pending
-        except Exception:
-            session.resync = True
-            raise
-
-    @staticmethod
-    def _record(
-        session: Session,
-        seq: int,
-        digest: bytes,
-        steps: dict[str, np.ndarray],
-        num_steps: int,
-        item: WorkItem,
-        result: WorkResult,
-        truncated: bool,
-    ) -> ActionResult:
-        session.history.append(steps, num_steps)
+    def _record(applying: _Applying, result: WorkResult) -> ActionResult:
+        request, item = applying.request, applying.item
+        session = request.session
+        session.history.append(request.steps, request.num_steps)
         if item.reset:
             session.context_steps = item.num_steps
             session.cache_version = result.oldest_version or result.model_version
         else:
-            session.context_steps += num_steps
+            session.context_steps += request.num_steps
             session.cache_version = min(session.cache_version, result.oldest_version or result.model_version)
         session.resync = session.empty_slot = False
-        session.last_seq = seq
-        session.last_digest = digest
+        session.last_seq = applying.seq
+        session.last_digest = request.digest
         session.last_reply = ActionResult(
             session.id,
-            seq,
+            applying.seq,
             result.action,
             result.scores,
             session.context_steps,
-            truncated,
+            applying.truncated,
             result.model_version,
             result.model_tag,
         )

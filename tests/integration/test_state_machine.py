@@ -1,5 +1,5 @@
 """A hypothesis state machine over a real server: random interleavings of good steps, bad steps,
-retries, client-side timeouts, cancels, group calls with bad entries (retried or not), resets
+retries, client-side timeouts, cancels, group calls with bad entries (retried or not) or cancelled, resets
 and server restarts. After every operation the sessions' contexts must equal the records the
 model believes were sent: every reply's action scores (`return_scores`) are compared with an
 in-process, cache-free forward of `mouse_core` over those records (golden tolerance); an
@@ -253,6 +253,37 @@ class SessionMachine(RuleBasedStateMachine):
     def group_step(self, steps: list[list[dict[str, Any]]], bad_entries: set[int]) -> None:
         self.failed_call = None
         self.group_call([bad(s) if k in bad_entries else s for k, s in enumerate(steps)])
+
+    @rule(
+        steps=st.lists(prefills, min_size=SESSIONS, max_size=SESSIONS),
+        after=st.sampled_from([0.0, 0.001, 0.005]),
+    )
+    def cancelled_group_step(self, steps: list[list[dict[str, Any]]], after: float) -> None:
+        """A group call cancelled mid-flight: on the server, entries still queued are withdrawn
+        and those already running are recorded; each session is in doubt and its next call
+        settles it."""
+        self.failed_call = None
+        for k in range(SESSIONS):
+            if self.pending[k] is not None:
+                self.settle_now(k)
+        self.memory = {}
+
+        async def cancel_soon() -> Any:
+            task = asyncio.ensure_future(self.group.get_replies(steps))
+            await asyncio.sleep(after)
+            task.cancel()
+            try:
+                return await task
+            except asyncio.CancelledError:
+                return None
+
+        replies = self.w.run(cancel_soon())
+        for k in range(SESSIONS):
+            if replies is not None:
+                self.add(k, steps[k])
+                self.check(k, replies[k])
+            elif self.group[k].in_doubt:
+                self.pending[k] = steps[k]
 
     @precondition(lambda self: self.failed_call is not None)
     @rule(fix=st.booleans())

@@ -89,6 +89,16 @@ def test_metrics_move_with_traffic(server: ServerProcess) -> None:
         assert value(during, "mouse_model_seconds_count", model="default") == 5
         assert value(during, "mouse_model_seconds_sum", model="default") > 0
         assert value(during, "mouse_request_seconds_count", method="OpenSession") == 3
+        # stages count each batch entry as a request; buckets are cumulative up to the count
+        for stage in ("validate", "step", "reply"):
+            assert value(during, "mouse_request_stage_seconds_count", stage=stage) == 15
+            buckets = sorted(
+                (float(dict(labels)["le"]), v)
+                for (name, labels), v in during.items()
+                if name == "mouse_request_stage_seconds_bucket" and dict(labels)["stage"] == stage
+            )
+            counts = [v for _, v in buckets]
+            assert buckets[-1] == (float("inf"), 15) and counts == sorted(counts)
 
         with pytest.raises(ActionError):
             group[0].get_action({**CASE.step_record(0, 5), "done": 7})

@@ -179,6 +179,31 @@ def test_batch_reports_per_item_errors_in_order(stub: pb_grpc.ActionServiceStub)
     assert ok.response.action == VARIED.greedy(1)[0] and ok.response.context_steps == 1
 
 
+def test_batch_entries_of_one_session_apply_in_order(stub: pb_grpc.ActionServiceStub) -> None:
+    """Entries of distinct idle sessions are applied together; a batch that names a session
+    twice applies each entry in its order (the second waits for the first), and an entry that
+    repeats the one before it is its retry."""
+    a, b = open_raw(stub, VARIED.name, temperature=0.0), open_raw(stub, VARIED.name, temperature=0.0)
+
+    def entry(session: str, seq: int, row: int, s: int) -> pb.GetActionRequest:
+        return pb.GetActionRequest(session_id=session, seq=seq, steps=step_msg(VARIED, row, s))
+
+    reply = stub.BatchGetAction(
+        pb.BatchGetActionRequest(
+            requests=[entry(a, 1, 0, 0), entry(b, 1, 1, 0), entry(a, 2, 0, 1), entry(a, 2, 0, 1)]
+        )
+    )
+    first, other, second, retried = (r.response for r in reply.results)
+    assert [first.action, second.action] == VARIED.greedy(0)[:2]
+    assert (first.context_steps, second.context_steps) == (1, 2)
+    assert other.action == VARIED.greedy(1)[0] and other.context_steps == 1
+    assert retried == second
+    # the sessions go on from there, now together again
+    reply = stub.BatchGetAction(pb.BatchGetActionRequest(requests=[entry(a, 3, 0, 2), entry(b, 2, 1, 1)]))
+    assert [r.response.action for r in reply.results] == [VARIED.greedy(0)[2], VARIED.greedy(1)[1]]
+    assert [r.response.context_steps for r in reply.results] == [3, 2]
+
+
 # -- errors -------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("steps", "code", "message"),
