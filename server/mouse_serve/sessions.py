@@ -506,8 +506,8 @@ class SessionManager:
         for i, request in enumerate(requests):
             try:
                 begun = self._begin(request)
-            except ServiceError as err:
-                begun = err
+            except Exception as exc:  # refused (ServiceError); anything else must not keep the lock
+                begun = exc
             if isinstance(begun, _Applying):
                 queued.setdefault(request.session.model, []).append((i, begun))
             else:
