@@ -16,17 +16,18 @@ import logging
 import re
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
 import grpc
+import numpy as np
 from google.protobuf.message import DecodeError, Message
 
 from mouse_client.v1 import action_service_pb2 as pb
 from mouse_client.v1 import action_service_pb2_grpc as pb_grpc
 from mouse_serve.auth import TokenAuth
-from mouse_serve.codec import action_reply, decode_steps, model_info, open_reply
+from mouse_serve.codec import action_reply, decode_many, decode_steps, model_info, open_reply
 from mouse_serve.errors import (
     ServiceError,
     failed_precondition,
@@ -36,7 +37,14 @@ from mouse_serve.errors import (
     unavailable,
 )
 from mouse_serve.runner import ModelRunner
-from mouse_serve.sessions import ActionResult, SessionManager, SessionSettings, StepRequest, check_sampling
+from mouse_serve.sessions import (
+    ActionResult,
+    Session,
+    SessionManager,
+    SessionSettings,
+    StepRequest,
+    check_sampling,
+)
 from mouse_serve.updates import ModelUpdater, UpdateOutcome, upload_limit
 
 log = logging.getLogger(__name__)
@@ -274,9 +282,51 @@ class ActionService(pb_grpc.ActionServiceServicer):
         session = self.sessions.get(req.session_id, owner)
         model = self.sessions.runners[session.model].model
         steps, n = decode_steps(req.steps, model.step_schema, session.model, self.max_steps_per_request)
+        return self._request(req, session, steps, n)
+
+    def _prepare_all(
+        self, entries: Sequence[pb.GetActionRequest], owner: str | None
+    ) -> list[StepRequest | ServiceError]:
+        """`_prepare` of each entry (its request or its error); the steps of each model's entries
+        are decoded together (`decode_many`)."""
+        sessions: list[Session | ServiceError] = []
+        for req in entries:
+            try:
+                sessions.append(self.sessions.get(req.session_id, owner))
+            except ServiceError as err:
+                sessions.append(err)
+        by_model: dict[str, list[int]] = {}
+        for i, session in enumerate(sessions):
+            if isinstance(session, Session):
+                by_model.setdefault(session.model, []).append(i)
+        decoded: dict[int, tuple[dict[str, np.ndarray], int] | ServiceError] = {}
+        for name, indices in by_model.items():
+            schema = self.sessions.runners[name].model.step_schema
+            messages = [entries[i].steps for i in indices]
+            decoded.update(
+                zip(indices, decode_many(messages, schema, name, self.max_steps_per_request), strict=True)
+            )
+        out: list[StepRequest | ServiceError] = []
+        for i, (req, session) in enumerate(zip(entries, sessions, strict=True)):
+            if isinstance(session, ServiceError):
+                out.append(session)
+                continue
+            steps = decoded[i]
+            if isinstance(steps, ServiceError):
+                out.append(steps)
+                continue
+            try:
+                out.append(self._request(req, session, *steps))
+            except ServiceError as err:
+                out.append(err)
+        return out
+
+    def _request(
+        self, req: pb.GetActionRequest, session: Session, steps: dict[str, np.ndarray], n: int
+    ) -> StepRequest:
         temperature = req.temperature if req.HasField("temperature") else None
         num_actions = req.num_actions if req.HasField("num_actions") else None
-        check_sampling(temperature, num_actions, model.max_num_actions)
+        check_sampling(temperature, num_actions, self.sessions.runners[session.model].model.max_num_actions)
         return StepRequest(
             session, req.seq, request_digest(req), steps, n, temperature, num_actions, req.return_scores
         )
@@ -418,26 +468,21 @@ class ActionService(pb_grpc.ActionServiceServicer):
         async def handle(owner: str | None) -> pb.BatchGetActionResponse:
             started = time.perf_counter()
             entries = request.requests
-            prepared: list[StepRequest | Exception] = []
-            for req in entries:
-                try:
-                    prepared.append(self._prepare(req, owner))
-                except ServiceError as err:
-                    prepared.append(err)
+            prepared = self._prepare_all(entries, owner)
             valid = [p for p in prepared if isinstance(p, StepRequest)]
             validated = time.perf_counter()
             outcomes = iter(await self.sessions.step_many(valid, deadline=_deadline(context)))
             stepped = time.perf_counter()
-            results = []
+            reply = pb.BatchGetActionResponse()
             observe = self.metrics.observe_request
             for i, (req, p) in enumerate(zip(entries, prepared, strict=True)):
                 outcome = next(outcomes) if isinstance(p, StepRequest) else p
                 if isinstance(outcome, ActionResult):
-                    results.append(pb.BatchGetActionResult(response=action_reply(outcome)))
+                    action_reply(outcome, reply.results.add().response)
                     code = "OK"
                 else:
                     err = _status(outcome).add(session_id=req.session_id or None, seq=req.seq, entry=i)
-                    results.append(pb.BatchGetActionResult(error=err.request_error()))
+                    reply.results.add(error=err.request_error())
                     code = err.code.name
                 observe("BatchGetAction", code, time.perf_counter() - started)
             if entries:  # per request as for GetAction: each entry's share of validation and reply
@@ -448,7 +493,7 @@ class ActionService(pb_grpc.ActionServiceServicer):
                     ("reply", (done - stepped) / n),
                 ):
                     self.metrics.observe_stage(stage, seconds, n)
-            return pb.BatchGetActionResponse(results=results)
+            return reply
 
         return await self._unary("BatchGetActionCall", request, context, handle)
 
