@@ -56,6 +56,9 @@ SHAPES: dict[str, dict[str, Any]] = {
     "mid": _config(256, 4, 8, 4),
     # Llama, hidden 1024, 8 layers, 16 heads, 4 KV heads (GPU only by default).
     "large": _config(1024, 8, 16, 4),
+    # Llama, hidden 32, 1 layer: a forward of a few ms even at 64 sessions on CPU, for measuring
+    # the server's own work per action (bench/host.py), as on a GPU where the forward is short.
+    "tiny": _config(32, 1, 2, 1),
 }
 SEED = 20240601
 

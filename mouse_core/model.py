@@ -382,13 +382,23 @@ class Backbone(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._fused: list[FusedLayer] | None = None
         self._fused_key: tuple[tuple[int, int], ...] = ()
+        self._param_tables: list[dict[str, nn.Parameter | None]] | None = None
         self.packed_linears = False
         self.use_compiled = False
         self._compiled: tuple[Any, Any] | None = None
 
     def _weights_key(self) -> tuple[tuple[int, int], ...]:
-        # In-place updates bump a tensor's version; replacing `.data` changes its pointer.
-        return tuple((p._version, p.data_ptr()) for p in self.layers.parameters())
+        # In-place updates bump a tensor's version; replacing `.data` changes its pointer; a new
+        # Parameter replaces the entry in its module's table. The tables are listed once:
+        # walking the modules (`parameters()`) on every forward cost 0.1 ms on a 4-layer model.
+        if self._param_tables is None:
+            self._param_tables = [m._parameters for m in self.layers.modules()]
+        return tuple(
+            (p._version, p.data_ptr())
+            for table in self._param_tables
+            for p in table.values()
+            if p is not None
+        )
 
     @torch.no_grad()
     def fused_layers(self) -> list[FusedLayer]:

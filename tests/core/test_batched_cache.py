@@ -160,3 +160,30 @@ def test_fixed_shape_decode_plan_matches_running_alone(model: Model) -> None:
             )
             assert seqs.pool.lengths[slot] == seqs.history[slot]["action"].shape[0] * tps
     seqs.step({slots[0]: 1, slots[2]: 1, slots[3]: 2})  # the ragged path still agrees afterwards
+
+
+@pytest.mark.parametrize("change", ["in_place", "data", "parameter"])
+def test_fused_weights_follow_every_change_of_the_parameters(model: Model, change: str) -> None:
+    """The batched forward runs on fused copies of the layers' weights: an in-place update, a
+    new `.data` or a new Parameter must all reach them before the next forward (checked against
+    a fresh model given the changed weights)."""
+    pool = model.new_cache_pool(1, 8)
+    slot = pool.allocate()
+    steps = random_steps(model.step_schema, (3,), seed=7)
+    model.forward_batch(steps, pool, np.array([slot]), np.array([3]))  # builds the fused weights
+    module = model.backbone.layers[-1].mlp
+    name, param = next(iter(module.named_parameters()))
+    owner, attr = module.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+    new = torch.randn_like(param) * 0.5
+    with torch.no_grad():
+        if change == "in_place":
+            param.copy_(new)
+        elif change == "data":
+            param.data = new
+        else:
+            setattr(owner, attr, torch.nn.Parameter(new))
+    pool.reset(slot)
+    scores = model.forward_batch(steps, pool, np.array([slot]), np.array([3]))
+    fresh = Model(model.config)
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(scores[0], alone_scores(fresh, steps), rtol=1e-4, atol=1e-5)
