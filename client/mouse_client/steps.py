@@ -9,6 +9,7 @@ A list of records is a prefill. Columns are built with numpy, one array per fiel
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
@@ -45,6 +46,10 @@ def as_record_list(records: StepRecords) -> list[StepRecord]:
 
 def encode(records: StepRecords) -> tuple[pb.Steps, int]:
     """Encode step records as a column-wise `Steps` message; returns it and the step count."""
+    if isinstance(records, Mapping):
+        msg = _encode_plain(records)
+        if msg is not None:
+            return msg, 1
     recs = as_record_list(records)
     names = set(recs[0])
     for i, r in enumerate(recs[1:], start=1):
@@ -69,6 +74,29 @@ def encode(records: StepRecords) -> tuple[pb.Steps, int]:
 def encode_steps(records: StepRecords) -> pb.Steps:
     """Encode one or more step records as a column-wise `Steps` message."""
     return encode(records)[0]
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _encode_plain(record: StepRecord) -> pb.Steps | None:
+    """One record of the usual types (Python ints and floats, numpy arrays of the wire dtype, as
+    `RecordBuilder` makes them) straight into `Steps`, with the same values and checks as the
+    numpy path; None for anything else (the numpy path reads it, or names what is wrong). An
+    environment worker sends one record per step: numpy's per-call cost would be most of it."""
+    columns: dict[str, Any] = {}
+    for name, value in record.items():
+        wire, kind = FIELDS.get(name), type(value)
+        if kind is np.ndarray and value.dtype == wire:
+            columns[name] = value.tobytes() if name == "obs_image" else value.reshape(-1).tolist()
+        elif wire is np.float32 and kind is float and not _FLOAT32_MAX < abs(value) < math.inf:
+            columns[name] = [value]  # (a finite value beyond float32 becomes inf in numpy)
+        elif wire is np.int64 and kind is int and _INT64[0] <= value <= _INT64[1]:
+            columns[name] = [value]
+        else:
+            return None
+    return pb.Steps(**columns) if columns else None
 
 
 def _column(name: str, values: Any) -> np.ndarray:

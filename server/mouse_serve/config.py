@@ -239,7 +239,7 @@ class ServerConfig:
     )
     max_batch_tokens: int = setting(8192, "padded tokens per batched forward (bounds memory)", _int, low=1)
     max_batch_wait_ms: float = setting(
-        10.0,
+        50.0,
         "longest wait before a forward for sessions whose next step is due (from their usual "
         "turnaround; at most half a typical forward); 0 = never wait",
         _float,

@@ -206,6 +206,36 @@ def test_encode_steps_builds_columns() -> None:
     assert encode_steps({"obs_image": np.array([[0, 255]])}).obs_image == b"\x00\xff"
 
 
+def test_one_plain_record_encodes_as_the_numpy_path_does() -> None:
+    """A single record of plain types takes a path without numpy; it must give the same bytes,
+    or leave the record to the numpy path, for every kind of value."""
+    floats = [0.1, -2.5, 0.0, -0.0, 3.4e38, 3.5e38, -1e39, float("inf"), float("-inf"), float("nan")]
+    ints = [0, 7, -1, 2**63 - 1, -(2**63), 2**63, True, np.int64(3), np.int32(2), np.uint8(4)]
+    arrays = [
+        np.arange(6, dtype=np.float32).reshape(2, 3),
+        np.arange(6, dtype=np.float32).reshape(2, 3).T,  # not contiguous
+        np.ones(3),  # float64
+        np.array([1, 2], dtype=np.int64),
+        np.array([1, 2], dtype=np.int32),
+        np.array([[0, 255], [3, 4]], dtype=np.uint8),
+        [0.5, 1.5],
+    ]
+    cases: list[dict[str, Any]] = [{}, {"actions": 1}]
+    cases += [{"reward": v} for v in floats + ints] + [{"action": v} for v in ints + floats]
+    cases += [{"obs_continuous": a} for a in arrays] + [{"obs_discrete": a} for a in arrays]
+    cases += [{"obs_image": a} for a in arrays]
+    cases.append({"action": 2, "reward": 0.5, "done": 0, "time": 9, "obs_continuous": arrays[0]})
+
+    def outcome(records: Any) -> bytes | str:
+        try:
+            return encode_steps(records).SerializeToString()
+        except ValidationError as err:
+            return str(err)
+
+    for record in cases:
+        assert outcome(record) == outcome([record]), record
+
+
 @pytest.mark.parametrize(
     ("records", "message"),
     [
