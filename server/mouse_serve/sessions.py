@@ -1,7 +1,8 @@
 """Sessions: one per environment stream, bound to a model and a KV-cache slot.
 
-A session applies its requests strictly in order (an asyncio lock held from the sequence-number
-check until the result is recorded). Beside its last reply it keeps a digest of the request
+A session applies its requests strictly in order (a lock held from the sequence-number check
+until the result is recorded, also when the caller stops waiting; a batch of distinct idle
+sessions takes all their locks at once and is applied in one pass). Beside its last reply it keeps a digest of the request
 that produced it, so a retry of that request (same seq, same content) gets the same reply
 without touching the cache, and the same seq with other content is refused. It keeps its
 recent steps for re-prefilling at the context limit and after a failed forward, and expires

@@ -197,8 +197,19 @@ class SessionMachine(RuleBasedStateMachine):
         if self.pending[k] is not None:
             self.settle_now(k)
 
+        reply = self.cancelled_after(self.group[k].get_reply(recs), after)
+        if reply is not None:
+            self.add(k, recs)
+            self.check(k, reply)
+        elif self.group[k].in_doubt:
+            self.pending[k] = recs
+
+    def cancelled_after(self, call: Any, after: float) -> Any:
+        """Run `call` (a coroutine) and cancel its task after `after` s: its result, or None if
+        the cancel came first."""
+
         async def cancel_soon() -> Any:
-            task = asyncio.ensure_future(self.group[k].get_reply(recs))
+            task = asyncio.ensure_future(call)
             await asyncio.sleep(after)
             task.cancel()
             try:
@@ -206,12 +217,7 @@ class SessionMachine(RuleBasedStateMachine):
             except asyncio.CancelledError:
                 return None
 
-        reply = self.w.run(cancel_soon())
-        if reply is not None:
-            self.add(k, recs)
-            self.check(k, reply)
-        elif self.group[k].in_doubt:
-            self.pending[k] = recs
+        return self.w.run(cancel_soon())
 
     def settle_now(self, k: int) -> None:
         """Settle session k's in-doubt request (`resolve`), so a new call starts clean."""
@@ -268,16 +274,7 @@ class SessionMachine(RuleBasedStateMachine):
                 self.settle_now(k)
         self.memory = {}
 
-        async def cancel_soon() -> Any:
-            task = asyncio.ensure_future(self.group.get_replies(steps))
-            await asyncio.sleep(after)
-            task.cancel()
-            try:
-                return await task
-            except asyncio.CancelledError:
-                return None
-
-        replies = self.w.run(cancel_soon())
+        replies = self.cancelled_after(self.group.get_replies(steps), after)
         for k in range(SESSIONS):
             if replies is not None:
                 self.add(k, steps[k])
