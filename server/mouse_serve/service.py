@@ -202,26 +202,22 @@ class ActionService(pb_grpc.ActionServiceServicer):
         self.metrics.observe_request(method, "OK", time.perf_counter() - started)
         return reply
 
-    async def _item(
-        self,
-        method: str,
-        req: pb.GetActionRequest,
-        owner: str | None,
-        deadline: float | None,
-        entry: int | None = None,
+    async def _stream_item(
+        self, req: pb.GetActionRequest, owner: str | None
     ) -> pb.GetActionResponse | pb.RequestError:
-        """One GetAction inside a stream or batch: its response, or its error."""
+        """One GetAction inside a stream (bounded by the stream, not per session): its response,
+        or its error."""
         started = time.perf_counter()
         self._begin()
         try:
-            reply = await self._get_action(req, owner, deadline, bounded=entry is not None)
+            reply = await self._get_action(req, owner, None, bounded=False)
         except Exception as exc:
-            err = _status(exc).add(entry=entry)
-            self.metrics.observe_request(method, err.code.name, time.perf_counter() - started)
+            err = _status(exc)
+            self.metrics.observe_request("StreamActions", err.code.name, time.perf_counter() - started)
             return err.request_error()
         finally:
             self._end()
-        self.metrics.observe_request(method, "OK", time.perf_counter() - started)
+        self.metrics.observe_request("StreamActions", "OK", time.perf_counter() - started)
         return reply
 
     def _owner(self, context: grpc.aio.ServicerContext) -> str | None:
@@ -431,7 +427,7 @@ class ActionService(pb_grpc.ActionServiceServicer):
                 replies.put_nowait(pb.StreamActionsResponse(error=msg.error.request_error()))
                 return
             req = msg.request
-            result = await self._item("StreamActions", req, owner, None)
+            result = await self._stream_item(req, owner)
             reply = (
                 pb.StreamActionsResponse(response=result)
                 if isinstance(result, pb.GetActionResponse)
