@@ -24,24 +24,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.protocol import Feed, records
+from bench.protocol import Feed, proc_cpu_s, records
 from bench.server import BenchServer
 from bench.shapes import checkpoint, feed_spec
 
-TICKS = os.sysconf("SC_CLK_TCK")
-
 
 def thread_cpu(pid: int) -> dict[int, float]:
-    """CPU seconds (user + system) of each thread of `pid`."""
-    out = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-        except OSError:  # the thread ended
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        out[int(tid)] = (int(fields[11]) + int(fields[12])) / TICKS
-    return out
+    """CPU seconds (user + system) of each thread of `pid` (a thread that just ended is left out)."""
+    cpu = {int(tid): proc_cpu_s(pid, int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+    return {tid: seconds for tid, seconds in cpu.items() if seconds}
 
 
 def measure(src: Path, args: argparse.Namespace, ckpt: Path, log: Path) -> dict[str, float]:

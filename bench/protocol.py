@@ -99,11 +99,14 @@ def rss_bytes(pid: int | str = "self") -> int:
     return 0
 
 
-def _proc_cpu_s(pid: int) -> float:
+def proc_cpu_s(pid: int, tid: int | None = None) -> float:
+    """CPU seconds (user + system) of a process, or of one of its threads; 0.0 where unavailable
+    (it ended)."""
     import os
 
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
     try:
-        with open(f"/proc/{pid}/stat") as fh:
+        with open(path) as fh:
             fields = fh.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
@@ -135,7 +138,7 @@ class CpuWatch:
         except (OSError, ValueError):
             pass
         t = os.times()
-        own = t.user + t.system + t.children_user + t.children_system + sum(_proc_cpu_s(p) for p in self.pids)
+        own = t.user + t.system + t.children_user + t.children_system + sum(proc_cpu_s(p) for p in self.pids)
         return busy, own, time.monotonic()
 
     def report(self) -> dict:
