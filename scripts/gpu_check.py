@@ -196,6 +196,16 @@ def _read(path: Path) -> Any:
         return None
 
 
+def _junit(path: Path) -> tuple[int, int] | None:
+    """(tests, failed or in error) of a pytest junit XML file; None when it is missing or torn."""
+    try:
+        suite = ET.parse(path).getroot()
+        suite = suite if suite.tag == "testsuite" else suite[0]
+        return int(suite.get("tests", 0)), int(suite.get("failures", 0)) + int(suite.get("errors", 0))
+    except (OSError, ET.ParseError, IndexError):
+        return None
+
+
 def _fmt(x: Any, digits: int = 2) -> str:
     if x is None:
         return "-"
@@ -205,8 +215,8 @@ def _fmt(x: Any, digits: int = 2) -> str:
 
 
 def table(args: argparse.Namespace) -> int:
-    """One markdown table of the whole check; exit 1 unless the golden tests passed and the
-    bench ran."""
+    """One markdown table of the whole check; exit 1 unless the golden and update tests passed
+    and the bench ran."""
     out = Path(args.out)
     probe_info = _read(out / "probe.json") or {}
     rows: list[tuple[str, str]] = [
@@ -222,15 +232,15 @@ def table(args: argparse.Namespace) -> int:
                 f"max diff {r['max_abs_diff']:.1e} ({verdict}); {r['default_ms']:.2f} vs {r['math_ms']:.2f} ms",
             )
         )
-    passed = False
-    try:
-        suite = ET.parse(out / "golden_e2e.xml").getroot()
-        suite = suite if suite.tag == "testsuite" else suite[0]
-        tests, bad = int(suite.get("tests", 0)), int(suite.get("failures", 0)) + int(suite.get("errors", 0))
-        passed = tests > 0 and bad == 0
-        rows.append(("golden end-to-end, float32, actions exact", f"{tests - bad}/{tests} tests passed"))
-    except (OSError, ET.ParseError, IndexError):
-        rows.append(("golden end-to-end, float32, actions exact", "did not run (see golden_e2e.log)"))
+    passed = True
+    for xml, name in (
+        ("golden_e2e.xml", "golden end-to-end, float32, actions exact"),
+        ("updates.xml", "weight updates, float32, scores after the update"),
+    ):
+        summary = _junit(out / xml)
+        passed = passed and summary is not None and summary[0] > 0 and summary[1] == 0
+        ran = f"{summary[0] - summary[1]}/{summary[0]} tests passed" if summary else None
+        rows.append((name, ran or f"did not run (see {xml.replace('.xml', '.log')})"))
     bf16 = _read(out / "bf16.json")
     rows.append(
         (

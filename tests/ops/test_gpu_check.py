@@ -55,6 +55,7 @@ def test_every_step_runs_on_the_cpu(tmp_path: Path) -> None:
         # one golden test on the fixed-shape server (the path CUDA graphs capture), which starts
         # without the start-up measurement: the full set runs in the suite itself
         MOUSE_GPU_CHECK_TESTS="test_one_step_at_a_time and fixed-shape and llama_sum_dqn",
+        MOUSE_GPU_CHECK_UPDATE_TESTS="keep_extends",
         MOUSE_GPU_CHECK_BENCH_ARGS=bench,
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -64,6 +65,7 @@ def test_every_step_runs_on_the_cpu(tmp_path: Path) -> None:
         "| card | (cpu)",
         "| SDPA default vs math, decode 64 x 3 tokens, float32 | max diff",
         "| golden end-to-end, float32, actions exact | 1/1 tests passed |",
+        "| weight updates, float32, scores after the update | 1/1 tests passed |",
         f"| bfloat16 greedy actions agreeing with the golden ones | 100.0% of {golden_actions} |",
         "| mid: b BatchGetAction, 2 sessions |",
         "| mid: c: floor FLOP/s at 64 / matmul FLOP/s",
@@ -100,3 +102,15 @@ def test_every_step_runs_on_the_cpu(tmp_path: Path) -> None:
     )
     assert "| mid: b batched, 2 sessions | failed: ActionError: CANCELLED: CANCELLED |" in rerun.stdout
     assert "| mid: b BatchGetAction, 1 sessions |" in rerun.stdout
+    assert rerun.returncode == 0, rerun.stderr
+
+    # Update tests that did not run fail the check.
+    (tmp_path / "updates.xml").unlink()
+    rerun = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "gpu_check.py"), "table", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert rerun.returncode == 1
+    assert "| weight updates, float32, scores after the update | did not run (see updates.log) |" in rerun.stdout

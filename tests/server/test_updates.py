@@ -5,6 +5,7 @@ refused updates change nothing, and updates under traffic fail no request."""
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import threading
 import time
@@ -30,6 +31,13 @@ from tests.server_process import ServerProcess
 CASE = next(c for c in golden_cases() if c.name == "llama_gqa_long")
 ADMIN = (("authorization", "Bearer admin-secret"),)
 N = 10  # steps before the update
+# Scores against the in-process CPU computation; on another device (scripts/gpu_check.sh runs some
+# of these tests on CUDA) float32 kernels sum in another order. Stale weights miss by far more.
+TOLERANCE = (
+    {"rtol": 1e-4, "atol": 1e-5}
+    if os.environ.get("MOUSE_TEST_DEVICE", "cpu") == "cpu"
+    else {"rtol": 1e-3, "atol": 1e-4}
+)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +138,7 @@ def test_refill_rebuilds_the_context_with_the_new_weights(
     assert (reply.model_version, reply.model_tag) == (2, "learner-step-100")
     assert reply.context_steps == N + 1
     np.testing.assert_allclose(
-        reply.scores, no_cache_scores(checkpoints["b"], 0, N + 1), rtol=1e-4, atol=1e-5
+        reply.scores, no_cache_scores(checkpoints["b"], 0, N + 1), **TOLERANCE
     )
     info = stub.GetModelInfo(pb.GetModelInfoRequest()).model
     assert (info.model_version, info.model_tag) == (2, "learner-step-100")
@@ -143,19 +151,21 @@ def test_refill_rebuilds_the_context_with_the_new_weights(
 def test_keep_extends_the_old_cache_with_the_new_weights(
     stub: pb_grpc.ActionServiceStub, checkpoints: dict[str, Path]
 ) -> None:
+    """Three decode steps after the update (on CUDA: replays of graphs captured before it, which
+    must read the new weights, the fused q/k/v and gate/up included)."""
     sid = open_and_feed(stub, pb.UPDATE_POLICY_KEEP)
     update(stub, checkpoints["b"], tag="v2")
-    reply = step(stub, sid, N + 1, N)
-    assert reply.model_version == 2 and reply.context_steps == N + 1
-    # in-process: the old weights' cache over N steps, then one step with the new weights
+    replies = [step(stub, sid, s + 1, s) for s in range(N, N + 3)]
+    assert [(r.model_version, r.context_steps) for r in replies] == [(2, N + 1), (2, N + 2), (2, N + 3)]
+    # in-process: the old weights' cache over N steps, then one step at a time with the new weights
     model = load_model(checkpoints["a"])
     with torch.no_grad():
         _, cache = model(stream(0, N), use_cache=True)
         model.copy_weights_(load_model(checkpoints["b"]).state_dict())
-        out, _ = model(stream(N, N + 1), cache=cache, use_cache=True)
-    expected = out[model.action_head][0, -1].numpy()
-    np.testing.assert_allclose(reply.scores, expected, rtol=1e-4, atol=1e-5)
-    assert not np.allclose(reply.scores, no_cache_scores(checkpoints["b"], 0, N + 1), rtol=1e-4, atol=1e-5)
+        for s, reply in enumerate(replies, start=N):
+            out, cache = model(stream(s, s + 1), cache=cache, use_cache=True)
+            np.testing.assert_allclose(reply.scores, out[model.action_head][0, -1].numpy(), **TOLERANCE)
+    assert not np.allclose(replies[0].scores, no_cache_scores(checkpoints["b"], 0, N + 1), **TOLERANCE)
 
 
 def test_copied_weights_reach_the_fused_tensors_at_once(checkpoints: dict[str, Path]) -> None:
@@ -180,7 +190,7 @@ def test_reset_starts_the_context_over(stub: pb_grpc.ActionServiceStub, checkpoi
     reply = step(stub, sid, N + 1, N)
     assert reply.model_version == 2 and reply.context_steps == 1
     np.testing.assert_allclose(
-        reply.scores, no_cache_scores(checkpoints["b"], N, N + 1), rtol=1e-4, atol=1e-5
+        reply.scores, no_cache_scores(checkpoints["b"], N, N + 1), **TOLERANCE
     )
     assert step(stub, sid, N + 2, N + 1).context_steps == 2
 
@@ -198,7 +208,7 @@ def test_pushed_weights_serve_like_a_checkpoint_and_the_server_default_policy_ap
         reply = step(stub, sid, N + 1, N)
         assert reply.context_steps == 1 and reply.model_tag == "pushed"
         np.testing.assert_allclose(
-            reply.scores, no_cache_scores(checkpoints["b"], N, N + 1), rtol=1e-4, atol=1e-5
+            reply.scores, no_cache_scores(checkpoints["b"], N, N + 1), **TOLERANCE
         )
 
 
@@ -290,7 +300,7 @@ def test_refused_updates_keep_the_old_weights(
     reply = step(stub, sid, N + 1, N)
     assert (reply.model_version, reply.model_tag) == (1, "")
     np.testing.assert_allclose(
-        reply.scores, no_cache_scores(checkpoints["a"], 0, N + 1), rtol=1e-4, atol=1e-5
+        reply.scores, no_cache_scores(checkpoints["a"], 0, N + 1), **TOLERANCE
     )
     samples = scrape(server)
     refusals = sum(1 for _, _, why in attempts if why != "UNAUTHENTICATED") + 1
@@ -349,7 +359,7 @@ def test_hub_source_at_a_revision(admin_file: Path, checkpoints: dict[str, Path]
         assert stub.UpdateModel(req, metadata=ADMIN).model_version == 2
         reply = step(stub, sid, N + 1, N)
         np.testing.assert_allclose(
-            reply.scores, no_cache_scores(checkpoints["b"], 0, N + 1), rtol=1e-4, atol=1e-5
+            reply.scores, no_cache_scores(checkpoints["b"], 0, N + 1), **TOLERANCE
         )
         assert "org/policy@v2" in server.log
 
@@ -420,5 +430,5 @@ def test_the_client_pushes_a_state_dict_from_memory(
         reply = session.get_reply(record(N))
         assert (reply.model_version, reply.model_tag) == (2, "from-memory")
         np.testing.assert_allclose(
-            reply.scores, no_cache_scores(checkpoints["b"], 0, N + 1), rtol=1e-4, atol=1e-5
+            reply.scores, no_cache_scores(checkpoints["b"], 0, N + 1), **TOLERANCE
         )
