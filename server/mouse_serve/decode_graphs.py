@@ -36,6 +36,16 @@ def bucket_length(tokens: int, limit: int) -> int:
     return min(length, limit)
 
 
+def length_buckets(limit: int) -> list[int]:
+    """Every value `bucket_length(t, limit)` takes for t in 1..limit, smallest first: the
+    doublings of MIN_LENGTH_BUCKET below `limit`, then `limit`."""
+    lengths, length = [], MIN_LENGTH_BUCKET
+    while length < limit:
+        lengths.append(length)
+        length *= 2
+    return [*lengths, limit]
+
+
 class DecodeGraph:
     """One (rows, length) bucket: static input buffers, the plan, and (on CUDA) the graph."""
 
@@ -126,10 +136,9 @@ class DecodeGraphs:
         """Every (rows, length) bucket a decode step on this pool can use, smallest first: the
         buckets `run` picks for each highest slot + 1 (the scratch slot is never in a batch) and
         each token count."""
-        slots, tokens = self.pool.num_slots, self.pool.max_tokens
+        slots = self.pool.num_slots
         rows = sorted({bucket_rows(n, slots + 1) for n in range(1, slots + 1)})
-        lengths = sorted({bucket_length(t, tokens) for t in range(1, tokens + 1)})
-        return [(r, n) for n in lengths for r in rows]
+        return [(r, n) for n in length_buckets(self.pool.max_tokens) for r in rows]
 
     def prepare_all(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Build (capture) every bucket now, so that serving never stops all sessions for a

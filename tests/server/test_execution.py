@@ -18,6 +18,7 @@ import torch
 from mouse_serve import autotune
 from mouse_serve.autotune import ExecutionChoice, ExecutionPath, ExecutionTable
 from mouse_serve.config import ModelSpec
+from mouse_serve.decode_graphs import bucket_length, length_buckets
 from mouse_serve.runner import ModelRunner, WorkItem
 from tests.helpers import GoldenCase, golden_cases
 
@@ -212,6 +213,12 @@ def test_an_unwritable_cache_is_a_warning(caplog: pytest.LogCaptureFixture) -> N
         runner = load(GQA, autotune="on", autotune_cache=Path("/proc/self/autotune.json"))
     assert runner.execution_choices
     assert any("cannot write the execution cache" in r.getMessage() for r in caplog.records)
+
+
+def test_length_buckets_are_the_lengths_a_step_can_pick() -> None:
+    """The start-up capture lists the length buckets without trying every token count."""
+    for limit in [*range(1, 1100), 4095, 4096, 4097, 98_304, 98_305]:
+        assert length_buckets(limit) == sorted({bucket_length(t, limit) for t in range(1, limit + 1)})
 
 
 def test_prepared_decode_buckets_cover_every_decode_step() -> None:
