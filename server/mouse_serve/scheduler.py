@@ -173,8 +173,12 @@ class Scheduler:
         return future.cancelled()
 
     def _queue_changed(self) -> None:
-        if self._on_queue is not None:
+        if self._on_queue is None:
+            return
+        try:
             self._on_queue(self.queue_length)
+        except Exception:  # a metrics bug must not fail `submit_many` after it queued the items
+            log.exception("reporting the queue length failed")
 
     def _tokens(self, steps: int) -> int:
         return steps * self.runner.model.tokens_per_step

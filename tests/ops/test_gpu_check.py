@@ -113,4 +113,6 @@ def test_every_step_runs_on_the_cpu(tmp_path: Path) -> None:
         timeout=60,
     )
     assert rerun.returncode == 1
-    assert "| weight updates, float32, scores after the update | did not run (see updates.log) |" in rerun.stdout
+    assert (
+        "| weight updates, float32, scores after the update | did not run (see updates.log) |" in rerun.stdout
+    )

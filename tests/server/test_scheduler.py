@@ -235,3 +235,29 @@ def test_every_model_of_a_server_runs_on_one_runner_thread() -> None:
             server.executor.shutdown()
 
     run(scenario())
+
+
+def test_a_failing_queue_callback_fails_no_submission(
+    runner: ModelRunner, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Items are queued before the queue length is reported: if reporting raised out of
+    `submit_many`, the caller would hold no future for items that still run (applied, never
+    recorded)."""
+
+    def broken(length: int) -> None:
+        raise RuntimeError("metrics bug")
+
+    async def scenario() -> list[WorkResult]:
+        scheduler = Scheduler(runner, max_batch_tokens=4096, on_queue=broken)
+        slots = [scheduler.allocate_slot() for _ in range(2)]
+        scheduler.start()
+        try:
+            return list(await asyncio.gather(*scheduler.submit_many([item(runner, s) for s in slots])))
+        finally:
+            for s in slots:
+                scheduler.free_slot(s)
+            await scheduler.stop()
+
+    results = run(scenario())
+    assert len(results) == 2 and all(0 <= r.action < runner.model.max_num_actions for r in results)
+    assert "reporting the queue length failed" in caplog.text

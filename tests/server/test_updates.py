@@ -137,9 +137,7 @@ def test_refill_rebuilds_the_context_with_the_new_weights(
     reply = step(stub, sid, N + 1, N)
     assert (reply.model_version, reply.model_tag) == (2, "learner-step-100")
     assert reply.context_steps == N + 1
-    np.testing.assert_allclose(
-        reply.scores, no_cache_scores(checkpoints["b"], 0, N + 1), **TOLERANCE
-    )
+    np.testing.assert_allclose(reply.scores, no_cache_scores(checkpoints["b"], 0, N + 1), **TOLERANCE)
     info = stub.GetModelInfo(pb.GetModelInfoRequest()).model
     assert (info.model_version, info.model_tag) == (2, "learner-step-100")
     samples = scrape(server)
@@ -189,9 +187,7 @@ def test_reset_starts_the_context_over(stub: pb_grpc.ActionServiceStub, checkpoi
     update(stub, checkpoints["b"], tag="v2")
     reply = step(stub, sid, N + 1, N)
     assert reply.model_version == 2 and reply.context_steps == 1
-    np.testing.assert_allclose(
-        reply.scores, no_cache_scores(checkpoints["b"], N, N + 1), **TOLERANCE
-    )
+    np.testing.assert_allclose(reply.scores, no_cache_scores(checkpoints["b"], N, N + 1), **TOLERANCE)
     assert step(stub, sid, N + 2, N + 1).context_steps == 2
 
 
@@ -207,9 +203,7 @@ def test_pushed_weights_serve_like_a_checkpoint_and_the_server_default_policy_ap
         assert (done.model_version, done.model_tag) == (2, "pushed")
         reply = step(stub, sid, N + 1, N)
         assert reply.context_steps == 1 and reply.model_tag == "pushed"
-        np.testing.assert_allclose(
-            reply.scores, no_cache_scores(checkpoints["b"], N, N + 1), **TOLERANCE
-        )
+        np.testing.assert_allclose(reply.scores, no_cache_scores(checkpoints["b"], N, N + 1), **TOLERANCE)
 
 
 # -- refusals change nothing ----------------------------------------------------------------------
@@ -299,9 +293,7 @@ def test_refused_updates_keep_the_old_weights(
     assert "hidden_dim: 16 -> 48" in info.value.details() or "hidden_dim" in info.value.details()
     reply = step(stub, sid, N + 1, N)
     assert (reply.model_version, reply.model_tag) == (1, "")
-    np.testing.assert_allclose(
-        reply.scores, no_cache_scores(checkpoints["a"], 0, N + 1), **TOLERANCE
-    )
+    np.testing.assert_allclose(reply.scores, no_cache_scores(checkpoints["a"], 0, N + 1), **TOLERANCE)
     samples = scrape(server)
     refusals = sum(1 for _, _, why in attempts if why != "UNAUTHENTICATED") + 1
     assert value(samples, "mouse_model_updates_total", model="default", result="refused") == refusals
@@ -358,9 +350,7 @@ def test_hub_source_at_a_revision(admin_file: Path, checkpoints: dict[str, Path]
         req = pb.UpdateModelRequest(source="org/policy", revision="v2", tag="v2")
         assert stub.UpdateModel(req, metadata=ADMIN).model_version == 2
         reply = step(stub, sid, N + 1, N)
-        np.testing.assert_allclose(
-            reply.scores, no_cache_scores(checkpoints["b"], 0, N + 1), **TOLERANCE
-        )
+        np.testing.assert_allclose(reply.scores, no_cache_scores(checkpoints["b"], 0, N + 1), **TOLERANCE)
         assert "org/policy@v2" in server.log
 
 
@@ -429,6 +419,4 @@ def test_the_client_pushes_a_state_dict_from_memory(
         assert learner.push_weights("default", state, tag="from-memory") == 2
         reply = session.get_reply(record(N))
         assert (reply.model_version, reply.model_tag) == (2, "from-memory")
-        np.testing.assert_allclose(
-            reply.scores, no_cache_scores(checkpoints["b"], 0, N + 1), **TOLERANCE
-        )
+        np.testing.assert_allclose(reply.scores, no_cache_scores(checkpoints["b"], 0, N + 1), **TOLERANCE)
