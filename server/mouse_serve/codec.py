@@ -150,16 +150,14 @@ def decode_many(
     unused, columns = _plan(schema)
     out: list[Any] = [None] * len(messages)
     bulk, counts = [], []
-    first, rest = columns[0], columns[1:]
     for i, steps in enumerate(messages):
-        size = len(getattr(steps, first.spec.name))
-        n = size // first.per_step
+        n = len(getattr(steps, columns[0].spec.name)) // columns[0].per_step
         if (
-            0 < size <= SMALL_COLUMN
-            and first.dtype is not None
-            and size == n * first.per_step
+            0 < n * columns[0].per_step <= SMALL_COLUMN
             and n <= max_steps
-            and all(c.dtype is not None and len(getattr(steps, c.spec.name)) == n * c.per_step for c in rest)
+            and all(
+                c.dtype is not None and len(getattr(steps, c.spec.name)) == n * c.per_step for c in columns
+            )
             and not any(len(getattr(steps, name)) for name in unused)
         ):
             bulk.append(i)

@@ -6,7 +6,8 @@ sessions takes all their locks at once and is applied in one pass). Beside its l
 keeps a digest of the request that produced it, so a retry of that request (same seq, same
 content) gets the same reply without touching the cache, and the same seq with other content is
 refused. It keeps its recent steps for re-prefilling at the context limit and after a failed
-forward, and expires when idle. Every status the server answers for a request means the request was not applied.
+forward, and expires when idle. Every status the server answers for a request means the request
+was not applied.
 """
 
 from __future__ import annotations
