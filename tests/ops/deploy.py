@@ -149,6 +149,17 @@ class Nginx:
         text = (self.tmp / "access.log").read_text(errors="replace")
         return [m.groupdict() for m in map(LOG_LINE.search, text.splitlines()) if m]
 
+    def calls_to(self, method: str, start: int, expected: int, timeout: float = 5.0) -> list[dict[str, str]]:
+        """Access-log lines of `method` from line `start` on, waiting until `expected` were logged:
+        nginx writes a call's line after its reply, so the line can come after the client returned
+        (and an earlier test's line after `start`)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = [line for line in self.access_log()[start:] if line["path"].endswith(f"/{method}")]
+            if len(lines) >= expected or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.05)
+
     def calls_by_session(self, sessions: Sequence[str], expected_calls: int, timeout: float = 5.0) -> dict:
         """Access-log lines of these sessions, waiting until `expected_calls` were logged."""
         wanted = set(sessions)
