@@ -142,7 +142,7 @@ class Metrics:
         )
         self.context_evictions = Counter(
             "mouse_context_evictions",
-            "Times a session's history was cut at its context limit (sliding re-prefill or reset).",
+            "Applied requests that cut a session's context at its limit (sliding re-prefill or reset).",
             ["model", "policy"],
             registry=r,
         )

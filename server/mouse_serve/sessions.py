@@ -220,6 +220,7 @@ class _Applying:
     seq: int
     item: WorkItem
     truncated: bool
+    drops_context: bool  # the session's context (stale after an update, policy RESET) goes
 
 
 @dataclass(frozen=True)
@@ -409,15 +410,11 @@ class SessionManager:
         async with session.lock:
             if session.closed:
                 raise self._gone_error(session.id)
-            self._clear_context(session)
+            session.history.clear()
+            session.context_steps = 0
+            session.empty_slot = True
+            session.resync = False
             session.last_used = time.monotonic()
-
-    @staticmethod
-    def _clear_context(session: Session) -> None:
-        session.history.clear()
-        session.context_steps = 0
-        session.empty_slot = True
-        session.resync = False
 
     def expire_idle(self, now: float | None = None) -> int:
         """Close sessions idle for longer than the timeout; returns how many."""
@@ -556,7 +553,8 @@ class SessionManager:
 
     def _begin(self, request: StepRequest) -> ActionResult | _Applying:
         """Checks and the work item of a request whose session's lock is held: a retry of the last
-        seq gets its reply back (the cache untouched); a refused one raises ServiceError."""
+        seq gets its reply back (the cache untouched); a refused one raises ServiceError. Nothing
+        in the session changes here: `_record` changes it once the item was applied."""
         session, seq = request.session, request.seq
         if session.closed:
             raise self._gone_error(session.id)
@@ -588,10 +586,11 @@ class SessionManager:
 
         runner = self.runners[session.model]
         stale = session.context_steps > 0 and session.cache_version < runner.version
-        if stale and session.on_update == UpdatePolicy.RESET:
-            self._clear_context(session)
-        rebuild = session.resync or (stale and session.on_update == UpdatePolicy.REFILL)
-        window, total, reset, truncated = self._window(session, request.steps, request.num_steps, rebuild)
+        drop = stale and session.on_update == UpdatePolicy.RESET
+        rebuild = not drop and (session.resync or (stale and session.on_update == UpdatePolicy.REFILL))
+        window, total, reset, truncated = self._window(
+            session, request.steps, request.num_steps, rebuild, drop
+        )
         item = WorkItem(
             slot=session.slot,
             steps=window,
@@ -603,7 +602,7 @@ class SessionManager:
             seq=seq,
             want_scores=request.want_scores,
         )
-        return _Applying(request, seq, item, truncated)
+        return _Applying(request, seq, item, truncated, drop)
 
     def _conclude(self, applying: _Applying, future: asyncio.Future[WorkResult]) -> ActionResult | Exception:
         """The outcome of a finished work item; records it in the session if it was applied."""
@@ -618,10 +617,13 @@ class SessionManager:
             return exc
         return self._record(applying, future.result())
 
-    @staticmethod
-    def _record(applying: _Applying, result: WorkResult) -> ActionResult:
+    def _record(self, applying: _Applying, result: WorkResult) -> ActionResult:
         request, item = applying.request, applying.item
         session = request.session
+        if applying.truncated:  # counted once applied: a withdrawn or failed item cut nothing
+            self.metrics.context_eviction(session.model, session.policy.name.lower())
+        if applying.drops_context:
+            session.history.clear()
         session.history.append(request.steps, request.num_steps)
         if item.reset:
             session.context_steps = item.num_steps
@@ -644,30 +646,32 @@ class SessionManager:
         )
         return session.last_reply
 
+    @staticmethod
     def _window(
-        self, session: Session, steps: dict[str, np.ndarray], n: int, rebuild: bool
+        session: Session, steps: dict[str, np.ndarray], n: int, rebuild: bool, drop: bool
     ) -> tuple[dict[str, np.ndarray], int, bool, bool]:
         """The steps to feed for `n` new ones: (steps, count, empty the slot first, truncated).
 
         `rebuild` re-prefills the session's context from its kept history in front of the new
-        steps (after a failed forward, or to refill the cache with updated weights). At the
-        context limit the history is re-prefilled per the session's context policy.
+        steps (after a failed forward, or to refill the cache with updated weights); `drop` starts
+        the context over with them. At the context limit the history is re-prefilled per the
+        session's context policy.
         """
         limit = session.max_context_steps
-        kept = session.context_steps if rebuild else 0  # context steps replayed from the history
-        truncated = session.context_steps + n > limit
+        held = 0 if drop else session.context_steps
+        kept = held if rebuild else 0  # context steps replayed from the history
+        truncated = held + n > limit
         if truncated:
             if session.policy == ContextPolicy.REJECT:
                 raise failed_precondition(
-                    f"session {session.id!r} holds {session.context_steps} of {limit} context steps and "
+                    f"session {session.id!r} holds {held} of {limit} context steps and "
                     f"cannot take {n} more (policy REJECT); call ResetSession or open it with another policy.",
                     "CONTEXT_FULL",
                     last_seq=session.last_seq,
                 )
             kept = max(limit // 2 - n, 0) if session.policy == ContextPolicy.SLIDING else 0
-            self.metrics.context_eviction(session.model, session.policy.name.lower())
         kept = min(kept, len(session.history))
-        reset = rebuild or truncated or session.empty_slot
+        reset = rebuild or truncated or drop or session.empty_slot
         if kept:
             old = session.history.recent(kept)
             steps = {k: np.concatenate([old[k], v]) for k, v in steps.items()}

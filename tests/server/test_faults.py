@@ -19,6 +19,7 @@ from mouse_client import ActionClient, ActionError, RetryPolicy, encode_steps
 from mouse_client.v1 import action_service_pb2 as pb
 from mouse_core import Model, save_model
 from tests.helpers import config_with, golden_cases
+from tests.ops.deploy import scrape, total
 from tests.server_process import REPO, ServerProcess
 
 CASE = next(c for c in golden_cases() if c.name == "llama_gqa_long")
@@ -128,6 +129,33 @@ def test_expired_deadline_is_not_applied(slow_checkpoint: Path) -> None:
         reply = stub.GetAction(req)  # seq 1 again, same content: applied now, and only now
         assert reply.seq == 1 and reply.context_steps == 1
         assert stub.GetAction(req).context_steps == 1  # a retry: the cached reply
+
+
+def test_a_step_not_applied_cuts_no_context(slow_checkpoint: Path) -> None:
+    """A step that would slide a full context but expires while it waits for the busy model
+    leaves the context and the eviction count alone; its retry cuts the context once."""
+    port = free_port()
+    # one chunk for the whole long prefill: the step waits for all of it
+    args = ["--prefill-chunk-steps", str(LONG), "--metrics-port", str(port)]
+    server = ServerProcess("--model", str(slow_checkpoint), *args)
+    with server, ActionClient(server.target, retry=NO_RETRY) as client:
+        session = client.open_session(recover=False, context_policy="sliding", max_context_steps=2)
+        session.get_action(slow_steps(2))
+        busy = client.open_session()
+        worker = threading.Thread(target=lambda: busy.get_action(slow_steps(LONG)))
+        worker.start()
+        time.sleep(0.3)
+        req = pb.GetActionRequest(session_id=session.id, seq=2, steps=encode_steps(slow_steps(1)))
+        stub = client.stub(session.id)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.GetAction(req, timeout=0.1)  # reaches the session, expires behind the prefill
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert worker.is_alive()
+        worker.join(timeout=60)
+        assert total(scrape(port), "mouse_context_evictions_total") == 0
+        reply = stub.GetAction(req)
+        assert reply.seq == 2 and reply.context_truncated and reply.context_steps == 1
+        assert total(scrape(port), "mouse_context_evictions_total", policy="sliding") == 1
 
 
 def test_kill_9_and_restart_loses_and_repeats_nothing() -> None:

@@ -139,3 +139,26 @@ def test_scrapes_never_fail_while_sessions_come_and_go(server: ServerProcess) ->
         thread.join()
     assert not errors and len(scrapes) > 20
     assert value(scrape(server), "mouse_active_sessions", model="default") == 0
+
+
+def test_context_evictions_count_applied_cuts(server: ServerProcess) -> None:
+    """Counted per applied request that cut the context: the sliding re-prefill, a request longer
+    than the context (reset), never a refused request."""
+    records = [CASE.step_record(0, s) for s in range(6)]
+    before = scrape(server)
+    with ActionClient(server.target) as client:
+        sliding = client.open_session(context_policy="sliding", max_context_steps=4)
+        for record in records[:5]:
+            sliding.get_action(record)
+        reset = client.open_session(context_policy="reset", max_context_steps=4)
+        assert reset.get_reply(records[:6]).context_truncated  # 6 steps into a context of 4
+        reject = client.open_session(context_policy="reject", max_context_steps=4)
+        reject.get_action(records[:4])
+        with pytest.raises(ActionError, match="FAILED_PRECONDITION"):
+            reject.get_action(records[4])
+        for session in (sliding, reset, reject):
+            session.close()
+    after = scrape(server)
+    for policy, cuts in (("sliding", 1), ("reset", 1), ("reject", 0)):
+        name, labels = "mouse_context_evictions_total", {"model": "default", "policy": policy}
+        assert value(after, name, **labels) - value(before, name, **labels) == cuts, policy
