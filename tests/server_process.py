@@ -9,15 +9,45 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LISTENING = re.compile(r"listening on ([\w.\-\[\]:]+):(\d+)")
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape(port: int) -> Samples:
+    """The samples of a `/metrics` endpoint on loopback, keyed by (name, sorted labels)."""
+    from prometheus_client.parser import text_string_to_metric_families  # not in the client venv
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    return sum(
+        v
+        for (n, lab), v in samples.items()
+        if n == name and all(dict(lab).get(k) == want for k, want in labels.items())
+    )
 
 
 def server_python() -> str:
@@ -43,7 +73,12 @@ def default_args(args: Sequence[str]) -> list[str]:
 class ServerProcess:
     """`python -m mouse_serve ARGS` with its log captured; `target` once it listens."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, port: int = 0) -> None:
+    def __init__(
+        self, *args: str, env: dict[str, str] | None = None, port: int = 0, metrics: bool = False
+    ) -> None:
+        self.metrics_port = free_port() if metrics else 0
+        if metrics:
+            args = (*args, "--metrics-port", str(self.metrics_port))
         self.args = ["--host", "127.0.0.1", "--port", str(port), *default_args(args), *args]
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen[str] | None = None
@@ -54,6 +89,11 @@ class ServerProcess:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def scrape(self) -> Samples:
+        """Its metrics (started with `metrics=True`)."""
+        assert self.metrics_port, "started without metrics=True"
+        return scrape(self.metrics_port)
 
     @property
     def log(self) -> str:

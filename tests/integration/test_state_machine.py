@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,18 +27,12 @@ from mouse_client import ActionError, AsyncActionClient, GroupError, RetryPolicy
 from tests.helpers import golden_cases
 from tests.reference import Reference
 from tests.server.test_exactly_once import restart
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, free_port
 
 CASE = next(c for c in golden_cases() if c.name == "llama_gqa_long")
 SESSIONS = 3
 RESTARTS = 2  # server restarts per test run (each costs a server start-up)
 MAX_TIME = 64
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class World:

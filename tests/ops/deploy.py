@@ -12,12 +12,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.server_process import REPO
+from tests.server_process import REPO, Samples, free_port
 
 DEPLOY = REPO / "deploy"
 NGINX_CONF = DEPLOY / "nginx" / "mouse-serve.conf"
@@ -34,12 +33,6 @@ def tool(name: str) -> str:
     raise AssertionError(
         f"{name} is not installed: run `bash scripts/setup.sh` and `bash scripts/setup_test_tools.sh`."
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
@@ -197,29 +190,6 @@ class Nginx:
 
 
 # --- metrics ----------------------------------------------------------------------------------
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def scrape(port: int) -> Samples:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def total(samples: Samples, name: str, **labels: str) -> float:
-    """Sum of the samples of `name` whose labels include `labels`."""
-    return sum(
-        v
-        for (n, lab), v in samples.items()
-        if n == name and all(dict(lab).get(k) == want for k, want in labels.items())
-    )
-
-
 def requests_not_ok(samples: Samples) -> float:
     return sum(
         v for (n, lab), v in samples.items() if n == "mouse_requests_total" and dict(lab).get("code") != "OK"

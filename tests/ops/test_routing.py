@@ -14,15 +14,14 @@ import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import pytest
 
 from mouse_client import ActionClient, RetryPolicy, Session
 from mouse_client.routing import routing_key
 from tests.helpers import GoldenCase, golden_cases
-from tests.ops.deploy import DEPLOY, Nginx, free_port, requests_not_ok, scrape, total
-from tests.server_process import ServerProcess
+from tests.ops.deploy import DEPLOY, Nginx, requests_not_ok
+from tests.server_process import ServerProcess, free_port, total
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -33,29 +32,15 @@ GROUP_CASE = max(CASES, key=lambda c: c.batch)
 NO_RETRY = RetryPolicy(max_attempts=1)  # a failed call must surface, not be retried
 
 
-@dataclass
-class Replica:
-    server: ServerProcess
-    metrics_port: int
-
-    @property
-    def target(self) -> str:
-        return self.server.target
-
-    def scrape(self) -> dict:
-        return scrape(self.metrics_port)
-
-
-def start_replica() -> Replica:
-    port = free_port()
-    args = ["--max-sessions", "24", "--metrics-port", str(port)]
+def start_replica() -> ServerProcess:
+    args = ["--max-sessions", "24"]
     for case in CASES:
         args += ["--model", f"{case.name}={case.checkpoint}"]
-    return Replica(ServerProcess(*args).start(), port)
+    return ServerProcess(*args, metrics=True).start()
 
 
 @pytest.fixture(scope="module")
-def replicas() -> Iterator[list[Replica]]:
+def replicas() -> Iterator[list[ServerProcess]]:
     with ThreadPoolExecutor(2) as pool:
         futures = [pool.submit(start_replica) for _ in range(2)]
     started = [f.result() for f in futures if f.exception() is None]
@@ -66,11 +51,11 @@ def replicas() -> Iterator[list[Replica]]:
         yield started
     finally:
         with ThreadPoolExecutor(2) as pool:
-            list(pool.map(lambda r: r.server.stop(), started))
+            list(pool.map(lambda r: r.stop(), started))
 
 
 @pytest.fixture(scope="module")
-def nginx(replicas: list[Replica]) -> Iterator[Nginx]:
+def nginx(replicas: list[ServerProcess]) -> Iterator[Nginx]:
     with Nginx([r.target for r in replicas]) as proxy:
         yield proxy
 
@@ -96,7 +81,7 @@ def drive(sessions: dict[str, tuple[GoldenCase, int, Session]]) -> dict[str, lis
 
 
 def check_replicas(
-    replicas: list[Replica],
+    replicas: list[ServerProcess],
     before: list[dict],
     placement: dict[str, str],
     sessions: dict[str, tuple[GoldenCase, int, Session]],
@@ -153,7 +138,9 @@ def placement_from_log(nginx: Nginx, sessions: dict, extra_calls: int = 0) -> di
     return placement
 
 
-def test_proxy_routes_every_call_of_a_session_to_its_replica(replicas: list[Replica], nginx: Nginx) -> None:
+def test_proxy_routes_every_call_of_a_session_to_its_replica(
+    replicas: list[ServerProcess], nginx: Nginx
+) -> None:
     before = [r.scrape() for r in replicas]
     with ActionClient(nginx.target, retry=NO_RETRY, timeout_s=30) as client:
         # calls without a session are spread over the replicas, each with all models
@@ -168,7 +155,7 @@ def test_proxy_routes_every_call_of_a_session_to_its_replica(replicas: list[Repl
     check_golden(sessions, actions)
 
 
-def test_proxy_keeps_a_session_group_on_one_replica(replicas: list[Replica], nginx: Nginx) -> None:
+def test_proxy_keeps_a_session_group_on_one_replica(replicas: list[ServerProcess], nginx: Nginx) -> None:
     """`open_sessions` ids share a routing key: one BatchGetAction per step, all on one replica."""
     case = GROUP_CASE
     before = [r.scrape() for r in replicas]
@@ -201,7 +188,7 @@ def test_proxy_keeps_a_session_group_on_one_replica(replicas: list[Replica], ngi
         assert [int(step[b]) for step in got] == case.greedy(b)
 
 
-def test_client_side_sharding_without_a_proxy(replicas: list[Replica]) -> None:
+def test_client_side_sharding_without_a_proxy(replicas: list[ServerProcess]) -> None:
     targets = [r.target for r in replicas]
     before = [r.scrape() for r in replicas]
     with ActionClient(targets, retry=NO_RETRY, timeout_s=30) as client:
@@ -238,7 +225,7 @@ def healthcheck(target: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_container_healthcheck(replicas: list[Replica], nginx: Nginx) -> None:
+def test_container_healthcheck(replicas: list[ServerProcess], nginx: Nginx) -> None:
     """The image's HEALTHCHECK script: 0 when SERVING (directly and through the proxy), else 1."""
     for target in (replicas[0].target, nginx.target):
         done = healthcheck(target)
@@ -248,7 +235,7 @@ def test_container_healthcheck(replicas: list[Replica], nginx: Nginx) -> None:
     assert done.returncode == 1 and "UNAVAILABLE" in done.stderr
 
 
-def test_unrouted_calls_spread_over_replicas(replicas: list[Replica], nginx: Nginx) -> None:
+def test_unrouted_calls_spread_over_replicas(replicas: list[ServerProcess], nginx: Nginx) -> None:
     """Calls without a session header get a random key (nginx's $request_id)."""
     seen: defaultdict[str, int] = defaultdict(int)
     start = len(nginx.access_log())

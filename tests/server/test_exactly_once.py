@@ -4,7 +4,6 @@ when the replay needs several requests), and sessions closed on the server."""
 
 from __future__ import annotations
 
-import socket
 import time
 
 import grpc
@@ -15,15 +14,9 @@ from grpc_status import rpc_status
 from mouse_client import ActionClient, ActionError, GroupError, RetryPolicy, SessionClosedError, encode_steps
 from mouse_client.v1 import action_service_pb2 as pb
 from tests.helpers import golden_cases
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, free_port
 
 CASE = next(c for c in golden_cases() if c.name == "llama_gqa_long")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def restart(args: list[str], port: int) -> ServerProcess:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,18 +18,11 @@ from mouse_client import ActionClient, ActionError, RetryPolicy, encode_steps
 from mouse_client.v1 import action_service_pb2 as pb
 from mouse_core import Model, save_model
 from tests.helpers import config_with, golden_cases
-from tests.ops.deploy import scrape, total
-from tests.server_process import REPO, ServerProcess
+from tests.server_process import REPO, ServerProcess, free_port, total
 
 CASE = next(c for c in golden_cases() if c.name == "llama_gqa_long")
 NO_RETRY = RetryPolicy(max_attempts=1)
 LONG = 1300  # steps of a prefill that keeps the runner busy for about a second
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -134,10 +126,8 @@ def test_expired_deadline_is_not_applied(slow_checkpoint: Path) -> None:
 def test_a_step_not_applied_cuts_no_context(slow_checkpoint: Path) -> None:
     """A step that would slide a full context but expires while it waits for the busy model
     leaves the context and the eviction count alone; its retry cuts the context once."""
-    port = free_port()
     # one chunk for the whole long prefill: the step waits for all of it
-    args = ["--prefill-chunk-steps", str(LONG), "--metrics-port", str(port)]
-    server = ServerProcess("--model", str(slow_checkpoint), *args)
+    server = ServerProcess("--model", str(slow_checkpoint), "--prefill-chunk-steps", str(LONG), metrics=True)
     with server, ActionClient(server.target, retry=NO_RETRY) as client:
         session = client.open_session(recover=False, context_policy="sliding", max_context_steps=2)
         session.get_action(slow_steps(2))
@@ -152,10 +142,10 @@ def test_a_step_not_applied_cuts_no_context(slow_checkpoint: Path) -> None:
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert worker.is_alive()
         worker.join(timeout=60)
-        assert total(scrape(port), "mouse_context_evictions_total") == 0
+        assert total(server.scrape(), "mouse_context_evictions_total") == 0
         reply = stub.GetAction(req)
         assert reply.seq == 2 and reply.context_truncated and reply.context_steps == 1
-        assert total(scrape(port), "mouse_context_evictions_total", policy="sliding") == 1
+        assert total(server.scrape(), "mouse_context_evictions_total", policy="sliding") == 1
 
 
 def test_kill_9_and_restart_loses_and_repeats_nothing() -> None:

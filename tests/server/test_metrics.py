@@ -2,60 +2,34 @@
 
 from __future__ import annotations
 
-import socket
 import threading
-import urllib.request
 from collections.abc import Iterator
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from mouse_client import ActionClient, ActionError, encode_steps
 from mouse_client.v1 import action_service_pb2 as pb
 from mouse_client.v1 import action_service_pb2_grpc as pb_grpc
 from tests.helpers import golden_cases
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, total
 
 CASE = next(c for c in golden_cases() if c.name == "llama_gqa_long")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerProcess]:
-    port = free_port()
-    with ServerProcess(
-        "--model", str(CASE.checkpoint), "--max-sessions", "8", "--metrics-port", str(port)
-    ) as proc:
-        proc.metrics_url = f"http://127.0.0.1:{port}/metrics"  # type: ignore[attr-defined]
+    with ServerProcess("--model", str(CASE.checkpoint), "--max-sessions", "8", metrics=True) as proc:
         yield proc
 
 
-def scrape(server: ServerProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()  # type: ignore[attr-defined]
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
-
-
-def value(samples: dict, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
 def test_metrics_move_with_traffic(server: ServerProcess) -> None:
-    before = scrape(server)
-    assert value(before, "mouse_active_sessions", model="default") == 0
-    total = value(before, "mouse_kv_pool_bytes", model="default", state="total")
-    assert total > 0 and value(before, "mouse_kv_pool_bytes", model="default", state="used") == 0
+    before = server.scrape()
+    assert total(before, "mouse_active_sessions", model="default") == 0
+    pool = total(before, "mouse_kv_pool_bytes", model="default", state="total")
+    assert pool > 0 and total(before, "mouse_kv_pool_bytes", model="default", state="used") == 0
     assert (
-        value(
+        total(
             before,
             "mouse_model_info",
             model="default",
@@ -67,31 +41,31 @@ def test_metrics_move_with_traffic(server: ServerProcess) -> None:
         )
         == 1
     )
-    assert value(before, "mouse_model_parameters", model="default") > 0
+    assert total(before, "mouse_model_parameters", model="default") > 0
 
     with ActionClient(server.target) as client:
         group = client.open_sessions(3, temperature=0.0)
         for s in range(5):
             group.get_actions([CASE.step_record(0, s)] * 3)
-        during = scrape(server)
-        assert value(during, "mouse_active_sessions", model="default") == 3
-        used = value(during, "mouse_kv_pool_bytes", model="default", state="used")
-        assert used == pytest.approx(total * 3 / (8 + 1))  # 8 sessions plus the scratch slot
-        assert value(during, "mouse_session_events_total", model="default", event="opened") == 3
-        assert value(during, "mouse_actions_total", model="default") == 15
-        assert value(during, "mouse_requests_total", method="BatchGetAction", code="OK") == 15
-        assert value(during, "mouse_requests_total", method="BatchGetActionCall", code="OK") == 5
-        assert value(during, "mouse_queue_wait_seconds_count", model="default") == 15
+        during = server.scrape()
+        assert total(during, "mouse_active_sessions", model="default") == 3
+        used = total(during, "mouse_kv_pool_bytes", model="default", state="used")
+        assert used == pytest.approx(pool * 3 / (8 + 1))  # 8 sessions plus the scratch slot
+        assert total(during, "mouse_session_events_total", model="default", event="opened") == 3
+        assert total(during, "mouse_actions_total", model="default") == 15
+        assert total(during, "mouse_requests_total", method="BatchGetAction", code="OK") == 15
+        assert total(during, "mouse_requests_total", method="BatchGetActionCall", code="OK") == 5
+        assert total(during, "mouse_queue_wait_seconds_count", model="default") == 15
         assert (
-            value(during, "mouse_batch_size_count", model="default") == 5
+            total(during, "mouse_batch_size_count", model="default") == 5
         )  # the 3 sessions shared each forward
-        assert value(during, "mouse_batch_size_sum", model="default") == 15
-        assert value(during, "mouse_model_seconds_count", model="default") == 5
-        assert value(during, "mouse_model_seconds_sum", model="default") > 0
-        assert value(during, "mouse_request_seconds_count", method="OpenSession") == 3
+        assert total(during, "mouse_batch_size_sum", model="default") == 15
+        assert total(during, "mouse_model_seconds_count", model="default") == 5
+        assert total(during, "mouse_model_seconds_sum", model="default") > 0
+        assert total(during, "mouse_request_seconds_count", method="OpenSession") == 3
         # stages count each batch entry as a request; buckets are cumulative up to the count
         for stage in ("validate", "step", "reply"):
-            assert value(during, "mouse_request_stage_seconds_count", stage=stage) == 15
+            assert total(during, "mouse_request_stage_seconds_count", stage=stage) == 15
             buckets = sorted(
                 (float(dict(labels)["le"]), v)
                 for (name, labels), v in during.items()
@@ -103,10 +77,10 @@ def test_metrics_move_with_traffic(server: ServerProcess) -> None:
         with pytest.raises(ActionError):
             group[0].get_action({**CASE.step_record(0, 5), "done": 7})
         group[0].close()
-        after = scrape(server)
-        assert value(after, "mouse_requests_total", method="GetAction", code="INVALID_ARGUMENT") == 1
-        assert value(after, "mouse_active_sessions", model="default") == 2
-        assert value(after, "mouse_session_events_total", model="default", event="closed") == 1
+        after = server.scrape()
+        assert total(after, "mouse_requests_total", method="GetAction", code="INVALID_ARGUMENT") == 1
+        assert total(after, "mouse_active_sessions", model="default") == 2
+        assert total(after, "mouse_session_events_total", model="default", event="closed") == 1
         group.close()
 
 
@@ -119,7 +93,7 @@ def test_scrapes_never_fail_while_sessions_come_and_go(server: ServerProcess) ->
     def scraper() -> None:
         while not stop.is_set():
             try:
-                scrape(server)
+                server.scrape()
                 scrapes.append(1)
             except Exception as exc:  # an HTTP 500 from a failed collection
                 errors.append(exc)
@@ -138,14 +112,14 @@ def test_scrapes_never_fail_while_sessions_come_and_go(server: ServerProcess) ->
         stop.set()
         thread.join()
     assert not errors and len(scrapes) > 20
-    assert value(scrape(server), "mouse_active_sessions", model="default") == 0
+    assert total(server.scrape(), "mouse_active_sessions", model="default") == 0
 
 
 def test_context_evictions_count_applied_cuts(server: ServerProcess) -> None:
     """Counted per applied request that cut the context: the sliding re-prefill, a request longer
     than the context (reset), never a refused request."""
     records = [CASE.step_record(0, s) for s in range(6)]
-    before = scrape(server)
+    before = server.scrape()
     with ActionClient(server.target) as client:
         sliding = client.open_session(context_policy="sliding", max_context_steps=4)
         for record in records[:5]:
@@ -158,7 +132,7 @@ def test_context_evictions_count_applied_cuts(server: ServerProcess) -> None:
             reject.get_action(records[4])
         for session in (sliding, reset, reject):
             session.close()
-    after = scrape(server)
+    after = server.scrape()
     for policy, cuts in (("sliding", 1), ("reset", 1), ("reject", 0)):
         name, labels = "mouse_context_evictions_total", {"model": "default", "policy": policy}
-        assert value(after, name, **labels) - value(before, name, **labels) == cuts, policy
+        assert total(after, name, **labels) - total(before, name, **labels) == cuts, policy

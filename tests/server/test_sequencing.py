@@ -19,8 +19,7 @@ from mouse_client.v1 import action_service_pb2 as pb
 from mouse_client.v1 import action_service_pb2_grpc as pb_grpc
 from tests.helpers import GoldenCase
 from tests.server.conftest import CASES
-from tests.server.test_metrics import free_port, scrape, value
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, total
 
 VARIED = next(c for c in CASES if c.name == "llama_gqa_long")  # greedy actions vary
 LLAMA = next(c for c in CASES if c.name == "llama_sum_dqn")  # has a vector field (obs_continuous)
@@ -242,11 +241,9 @@ def test_a_stream_holds_a_bounded_number_of_requests_and_others_are_served() -> 
     the server holds at most --max-requests-per-stream of them at a time (the queue for the
     model never grows past it; without the bound it reaches one per session), and another
     session is served meanwhile with the golden actions."""
-    port = free_port()
     args = ["--model", f"{VARIED.name}={VARIED.checkpoint}", "--max-sessions", "40"]
-    args += ["--max-requests-per-stream", "4", "--metrics-port", str(port)]
-    with ServerProcess(*args) as server, grpc.insecure_channel(server.target) as flood_channel:
-        server.metrics_url = f"http://127.0.0.1:{port}/metrics"  # type: ignore[attr-defined]
+    args += ["--max-requests-per-stream", "4"]
+    with ServerProcess(*args, metrics=True) as server, grpc.insecure_channel(server.target) as flood_channel:
         stub = pb_grpc.ActionServiceStub(flood_channel)
         sids = [open_session(stub) for _ in range(32)]
         stop = threading.Event()
@@ -263,7 +260,7 @@ def test_a_stream_holds_a_bounded_number_of_requests_and_others_are_served() -> 
             lengths = []
             deadline = time.monotonic() + 4.0
             while time.monotonic() < deadline:
-                lengths.append(value(scrape(server), "mouse_queue_length", model=VARIED.name))
+                lengths.append(total(server.scrape(), "mouse_queue_length", model=VARIED.name))
             assert 0 < max(lengths) <= 4, lengths
             with grpc.insecure_channel(server.target) as channel:
                 other = pb_grpc.ActionServiceStub(channel)

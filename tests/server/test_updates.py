@@ -25,8 +25,7 @@ from mouse_client.v1 import action_service_pb2_grpc as pb_grpc
 from mouse_core import Model, load_model, save_model
 from mouse_core.model import FusedLayer
 from tests.helpers import config_with, golden_cases
-from tests.server.test_metrics import free_port, scrape, value
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, total
 
 CASE = next(c for c in golden_cases() if c.name == "llama_gqa_long")
 ADMIN = (("authorization", "Bearer admin-secret"),)
@@ -64,10 +63,8 @@ def admin_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def server(admin_file: Path) -> Iterator[ServerProcess]:
     """A fresh server per test: updates change the model for every later test."""
-    port = free_port()
     args = ["--model", str(CASE.checkpoint), "--admin-token-file", str(admin_file)]
-    with ServerProcess(*args, "--metrics-port", str(port)) as proc:
-        proc.metrics_url = f"http://127.0.0.1:{port}/metrics"  # type: ignore[attr-defined]
+    with ServerProcess(*args, metrics=True) as proc:
         yield proc
 
 
@@ -140,9 +137,9 @@ def test_refill_rebuilds_the_context_with_the_new_weights(
     np.testing.assert_allclose(reply.scores, no_cache_scores(checkpoints["b"], 0, N + 1), **TOLERANCE)
     info = stub.GetModelInfo(pb.GetModelInfoRequest()).model
     assert (info.model_version, info.model_tag) == (2, "learner-step-100")
-    samples = scrape(server)
-    assert value(samples, "mouse_model_version", model="default") == 2
-    assert value(samples, "mouse_model_updates_total", model="default", result="ok") == 1
+    samples = server.scrape()
+    assert total(samples, "mouse_model_version", model="default") == 2
+    assert total(samples, "mouse_model_updates_total", model="default", result="ok") == 1
     assert "updated model 'default' to version 2" in server.log
 
 
@@ -294,10 +291,10 @@ def test_refused_updates_keep_the_old_weights(
     reply = step(stub, sid, N + 1, N)
     assert (reply.model_version, reply.model_tag) == (1, "")
     np.testing.assert_allclose(reply.scores, no_cache_scores(checkpoints["a"], 0, N + 1), **TOLERANCE)
-    samples = scrape(server)
+    samples = server.scrape()
     refusals = sum(1 for _, _, why in attempts if why != "UNAUTHENTICATED") + 1
-    assert value(samples, "mouse_model_updates_total", model="default", result="refused") == refusals
-    assert value(samples, "mouse_model_version", model="default") == 1
+    assert total(samples, "mouse_model_updates_total", model="default", result="refused") == refusals
+    assert total(samples, "mouse_model_version", model="default") == 1
 
 
 def test_updates_are_off_without_an_admin_token_file(checkpoints: dict[str, Path]) -> None:
