@@ -392,6 +392,9 @@ def test_context_limit_policies(small_server: ServerProcess, policy: str) -> Non
             ):
                 session.get_action(records[8])
             session.reset()
+            with pytest.raises(ActionError, match="INVALID_ARGUMENT: steps carries 9 steps") as info:
+                session.get_action(records[:9])  # longer than the whole context: never fits
+            assert info.value.reason == "STEPS_EXCEED_CONTEXT" and info.value.field == "steps"
             assert session.get_reply(records[8]).context_steps == 1
         else:
             reply = session.get_reply(records[8])
