@@ -13,7 +13,9 @@ The exactly-once rules, per session:
   content: the server answers its cached reply if it had applied it, or applies it now). If the
   new call carries the same records and options, it is that request's retry and gets its reply;
   otherwise its records go out with the next number.
-- Any status the server answers means "not applied": the request leaves the outbox.
+- Any status the server answers means "not applied": the request leaves the outbox, except
+  when a call re-sends an earlier in-doubt request and the server refuses it only for now
+  (`_NOT_YET`): it stays at the head, so its records still go out before any later ones.
 - A session the server lost is reopened with `start_seq` so that its history, replayed in
   requests of at most `max_steps_per_request` steps, ends at the number it would have had.
 """
@@ -60,6 +62,8 @@ DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 HEALTH_SERVICE = "mouse.action.v1.ActionService"
 _LOST_REASONS = (None, "SESSION_NOT_FOUND", "SESSION_EXPIRED")
 _RECOVERIES_PER_CALL = 3
+# Refusals of a request that was not applied but would be if sent again later.
+_NOT_YET = frozenset({"DEADLINE_NOT_APPLIED", "SESSION_QUEUE_FULL", "CANCELLED"})
 
 
 # -- operations the shells run ----------------------------------------------------------------
@@ -616,9 +620,10 @@ class SessionCore:
         self.history.add(out.steps, out.n)
         return (out, reply)
 
-    def failed(self, out: Outgoing, err: ActionError) -> ActionError | None:
+    def failed(self, out: Outgoing, err: ActionError, settling: bool = False) -> ActionError | None:
         """The head of the outbox failed with `err`. Returns the error to raise, or None when the
-        session is lost and will be reopened (the caller goes on delivering)."""
+        session is lost and will be reopened (the caller goes on delivering). `settling`: the head
+        is an earlier call's request, whose records the worker no longer holds."""
         if err.in_doubt:
             return err  # the request stays at the head, re-sent unchanged by the next call
         if err.code is grpc.StatusCode.NOT_FOUND and err.reason == "SESSION_CLOSED":
@@ -630,7 +635,7 @@ class SessionCore:
         # the server refused it: not applied
         if out.replay:
             self.lost = True  # the recovery failed; the next call starts it again
-        else:
+        elif not (settling and err.reason in _NOT_YET):
             self.outbox.remove(out)
         return err
 
@@ -661,10 +666,10 @@ class SessionCore:
                 self.outbox.append(Outgoing(req, None, n, None, replay=True))
 
     def deliver_plan(
-        self, budget: Budget, send: Callable[[pb.GetActionRequest, float], Op]
+        self, budget: Budget, send: Callable[[pb.GetActionRequest, float], Op], settling: bool = False
     ) -> Plan[Delivered | None]:
         """Deliver the outbox in order (reopening a lost session); returns the worker request it
-        delivered, if any, with its reply."""
+        delivered, if any, with its reply. `settling`: the outbox holds earlier calls' requests."""
         delivered = None
         recoveries = 0
         while self.lost or self.outbox:
@@ -685,7 +690,7 @@ class SessionCore:
             try:
                 reply = yield from rpc(budget, make)
             except ActionError as err:
-                error = self.failed(head, err)
+                error = self.failed(head, err, settling)
                 if error is not None:
                     raise error from None
                 continue
@@ -704,9 +709,9 @@ class SessionCore:
         steps, n = encode(records)
         if self.in_doubt:
             try:
-                settled = yield from self.deliver_plan(budget, send)
+                settled = yield from self.deliver_plan(budget, send, settling=True)
             except ActionError as err:
-                raise _earlier(err) from None
+                raise _earlier(err, self.in_doubt) from None
             if settled is not None and settled[0].key() == request_key(steps, params):
                 return settled[1]  # this call is the retry of the request that was in doubt
         self.outbox.append(self.new_request(steps, n, params))
@@ -717,7 +722,7 @@ class SessionCore:
     def resolve_plan(self, budget: Budget) -> Plan[pb.GetActionResponse | None]:
         """Settle a request whose outcome is unknown now; returns its reply (None if none)."""
         self.check_open()
-        settled = yield from self.deliver_plan(budget, unary_send)
+        settled = yield from self.deliver_plan(budget, unary_send, settling=True)
         return None if settled is None else settled[1]
 
     def reset_plan(self, budget: Budget) -> Plan[None]:
@@ -755,10 +760,22 @@ class SessionCore:
                 raise
 
 
-def _earlier(err: ActionError) -> ActionError:
+def _earlier(err: ActionError, pending: bool) -> ActionError:
     """`err`, said to concern the earlier request that was being settled, not the new records."""
-    message = f"settling an earlier request whose outcome was unknown (the new records were not sent): {err.message}"
-    return ActionError(err.code, message, reason=err.reason, metadata=err.metadata, in_doubt=err.in_doubt)
+    fate = (
+        "it was not applied and goes first on the session's next call"
+        if pending
+        else "the server refused it, so its records are not applied and are dropped"
+    )
+    message = f"settling an earlier request whose outcome was unknown ({fate}; the new records were not sent): {err.message}"
+    return ActionError(
+        err.code,
+        message,
+        reason=err.reason,
+        metadata=err.metadata,
+        in_doubt=err.in_doubt,
+        earlier="pending" if pending else "dropped",
+    )
 
 
 def _copy_params(src: pb.GetActionRequest, dst: pb.GetActionRequest) -> None:
@@ -846,8 +863,10 @@ class GroupCore:
         errors: dict[int, ActionError] = {}
         # 1. requests of earlier calls whose outcome is unknown
         doubtful = [i for i in picked if self.sessions[i].in_doubt]
-        settled = yield from self._deliver(doubtful, budget, errors) if doubtful else _nothing()
-        errors.update({i: _earlier(err) for i, err in errors.items()})
+        settled = (
+            yield from self._deliver(doubtful, budget, errors, settling=True) if doubtful else _nothing()
+        )
+        errors.update({i: _earlier(err, self.sessions[i].in_doubt) for i, err in errors.items()})
         # 2. the new records (or, for a retry, the reply it already got)
         fresh = []
         for i, (enc, n) in zip(picked, encoded, strict=True):
@@ -880,9 +899,10 @@ class GroupCore:
         return [replies[i] for i in picked]
 
     def _deliver(
-        self, indices: list[int], budget: Budget, errors: dict[int, ActionError]
+        self, indices: list[int], budget: Budget, errors: dict[int, ActionError], settling: bool = False
     ) -> Plan[dict[int, Delivered]]:
-        """Deliver the outboxes of `indices` together, one BatchGetAction per round."""
+        """Deliver the outboxes of `indices` together, one BatchGetAction per round (`settling`:
+        as `Session.deliver_plan`)."""
         delivered: dict[int, Delivered] = {}
         recoveries = dict.fromkeys(indices, 0)
         active = list(indices)
@@ -920,7 +940,7 @@ class GroupCore:
                     if done is not None:
                         delivered[i] = done
                 if error is not None:
-                    failure = session.failed(head, error)
+                    failure = session.failed(head, error, settling)
                     if failure is not None:
                         errors[i] = _for_entry(failure, i, session.id)
             active = [

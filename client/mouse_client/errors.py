@@ -59,6 +59,13 @@ class ActionError(MouseClientError):
     `steps.obs_continuous`), `step` (index of the step within the request), `entry` (index
     within a batch), `session_id`, and all of `metadata`. `in_doubt` is True when the request
     may or may not have been applied (no answer from the server).
+
+    `earlier` is set when the call failed while re-sending an earlier request of the session
+    whose outcome was unknown; the call's own records were then not sent. "pending": that request
+    was not applied and stays queued, re-sent first by the session's next call (the server
+    refused it only for now, e.g. its deadline passed in the queue, or gave no answer again).
+    "dropped": the server refused it for good, so its records are not applied and never will
+    be. None: the error concerns the call's own records.
     """
 
     def __init__(
@@ -69,6 +76,7 @@ class ActionError(MouseClientError):
         reason: str | None = None,
         metadata: Mapping[str, str] | None = None,
         in_doubt: bool = False,
+        earlier: str | None = None,
     ) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
@@ -76,6 +84,7 @@ class ActionError(MouseClientError):
         self.reason = reason
         self.metadata: dict[str, str] = dict(metadata or {})
         self.in_doubt = in_doubt
+        self.earlier = earlier
 
     @property
     def field(self) -> str | None:
@@ -195,6 +204,7 @@ class GroupError(ActionError):
             reason=first.reason,
             metadata=first.metadata,
             in_doubt=first.in_doubt,
+            earlier=first.earlier,
         )
         self.outcomes = outcomes
 

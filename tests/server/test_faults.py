@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -146,6 +147,49 @@ def test_a_step_not_applied_cuts_no_context(slow_checkpoint: Path) -> None:
         reply = stub.GetAction(req)
         assert reply.seq == 2 and reply.context_truncated and reply.context_steps == 1
         assert total(server.scrape(), "mouse_context_evictions_total", policy="sliding") == 1
+
+
+@pytest.mark.parametrize("path", ["session", "group"])
+def test_an_earlier_request_refused_for_now_stays_pending(slow_checkpoint: Path, path: str) -> None:
+    """A long prefill's call times out (in doubt) while the server still applies it. The next
+    call re-sends it first, and the server refuses that re-send for now (SESSION_QUEUE_FULL: a
+    stray request of the session waits too). The client keeps the prefill queued instead of
+    dropping it, so the call after that gets its recorded reply and then applies the new step."""
+    server = ServerProcess("--model", str(slow_checkpoint), "--max-pending-per-session", "1")
+    with server, ActionClient(server.target, retry=NO_RETRY) as client:
+        if path == "group":
+            group = client.open_sessions(1, recover=False)
+            session = group[0]
+            step = lambda records: group.get_replies([records])[0]  # noqa: E731
+        else:
+            session = client.open_session(recover=False)
+            step = session.get_reply
+        client.timeout_s = 0.3
+        with pytest.raises(ActionError) as info:
+            step(slow_steps(LONG))  # the model starts it at once: it runs on
+        assert info.value.in_doubt and session.in_doubt
+        stray = pb.GetActionRequest(session_id=session.id, seq=1, steps=encode_steps(slow_steps(1)))
+        refused: list[grpc.RpcError] = []
+        worker = threading.Thread(target=lambda: _refused(client.stub(session.id).GetAction, stray, refused))
+        worker.start()
+        time.sleep(0.1)  # the stray request waits for the session behind the prefill
+        with pytest.raises(ActionError) as info:
+            step(slow_steps(2))
+        err = info.value
+        assert err.reason == "SESSION_QUEUE_FULL" and err.earlier == "pending" and not err.in_doubt
+        assert "the new records were not sent" in err.message and session.in_doubt
+        worker.join(timeout=60)
+        assert refused and refused[0].code() == grpc.StatusCode.FAILED_PRECONDITION  # seq 1 was the prefill
+        client.timeout_s = None
+        reply = step(slow_steps(2))
+        assert (reply.seq, reply.context_steps) == (2, LONG + 2) and not session.in_doubt
+
+
+def _refused(call: Any, request: pb.GetActionRequest, out: list[grpc.RpcError]) -> None:
+    try:
+        call(request)
+    except grpc.RpcError as err:
+        out.append(err)
 
 
 def test_kill_9_and_restart_loses_and_repeats_nothing() -> None:
