@@ -51,6 +51,13 @@ class WorkItem:
     seed: int  # the sampling draw is a function of (seed, seq) only
     seq: int
     want_scores: bool
+    version: int = 0  # the weights it was planned for (its session's cache is theirs); 0: any
+
+
+class StalePlan(Exception):
+    """A work item planned for weights that were replaced before it ran: it was not applied
+    (leading chunks of a prefill may have been written to its slot), and its session plans
+    it again for the new weights."""
 
 
 @dataclass
@@ -463,8 +470,20 @@ class ModelRunner:
         self.tag = tag
         return self.version
 
-    def run(self, items: list[WorkItem]) -> list[WorkResult]:
-        """Apply every item's steps in one batched forward and sample all actions at once."""
+    def run(self, items: list[WorkItem]) -> list[WorkResult | None]:
+        """Apply every item's steps in one batched forward and sample all actions at once. An
+        item planned for other weights than the served ones is not run: its result is None."""
+        version = self.version
+        if all(item.version in (0, version) for item in items):
+            return self._run(items)  # type: ignore[return-value]
+        results: list[WorkResult | None] = [None] * len(items)
+        current = [j for j, item in enumerate(items) if item.version in (0, version)]
+        if current:
+            for j, result in zip(current, self._run([items[j] for j in current]), strict=True):
+                results[j] = result
+        return results
+
+    def _run(self, items: list[WorkItem]) -> list[WorkResult]:
         started = time.perf_counter()
         version, tag = self.version, self.tag
         pool, model, chunk = self.pool, self.model, self.prefill_chunk_steps

@@ -33,7 +33,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 
 from mouse_serve.errors import deadline_exceeded
-from mouse_serve.runner import ModelRunner, RunnerExecutor, WorkItem, WorkResult
+from mouse_serve.runner import ModelRunner, RunnerExecutor, StalePlan, WorkItem, WorkResult
 
 log = logging.getLogger(__name__)
 OVERDUE = 2.0  # a session later than twice its usual turnaround has stopped stepping for now
@@ -236,6 +236,20 @@ class Scheduler:
         steps = {k: v[start:stop] for k, v in item.steps.items()}
         return replace(item, steps=steps, num_steps=stop - start, reset=item.reset and start == 0)
 
+    @staticmethod
+    def _drop_stale(
+        batch: list[_Pending], items: list[WorkItem], results: list[WorkResult | None]
+    ) -> tuple[list[_Pending], list[WorkItem], list[WorkResult]]:
+        """Fail the items the runner did not run (planned for weights replaced since: their
+        sessions plan them again); the rest of the batch."""
+        kept: list[tuple[_Pending, WorkItem, WorkResult]] = []
+        for pending, item, result in zip(batch, items, results, strict=True):
+            if result is not None:
+                kept.append((pending, item, result))
+            elif not pending.future.done():
+                pending.future.set_exception(StalePlan())
+        return [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept]
+
     def _run_inline(self, batch: list[_Pending]) -> bool:
         """Whether to run this batch on the event loop's thread: one decode step while nothing
         else waits and the runner thread is idle (a single session stepping alone), where the
@@ -298,6 +312,10 @@ class Scheduler:
                     if not p.future.done():
                         p.future.set_exception(exc)
                 continue
+            if any(result is None for result in results):
+                batch, items, results = self._drop_stale(batch, items, results)
+                if not batch:
+                    continue
             back = time.perf_counter()
             done = time.monotonic()
             elapsed = done - started

@@ -39,7 +39,7 @@ from mouse_serve.errors import (
     unavailable,
 )
 from mouse_serve.metrics import Metrics
-from mouse_serve.runner import ModelRunner, WorkItem, WorkResult
+from mouse_serve.runner import ModelRunner, StalePlan, WorkItem, WorkResult
 from mouse_serve.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -516,31 +516,40 @@ class SessionManager:
             return outcomes
         all_done = asyncio.get_running_loop().create_future()
         left = sum(map(len, queued.values()))
+        cancelled = False
 
-        def finished(i: int, applying: _Applying, future: asyncio.Future[WorkResult]) -> None:
-            nonlocal left
-            try:
-                outcomes[i] = self._conclude(applying, future)
-            except Exception as exc:  # a bug here must not leave the caller waiting forever
-                log.exception("recording a step failed")
-                applying.request.session.resync = True
-                outcomes[i] = exc
-            finally:
-                self._release(applying.request.session)
-                left -= 1
-                if not left and not all_done.done():
-                    all_done.set_result(None)
-
-        for model, items in queued.items():
+        def submit(model: str, items: list[tuple[int, _Applying]]) -> None:
             scheduler = self.schedulers[model]
             futures = scheduler.submit_many([applying.item for _, applying in items], deadline)
             for (i, applying), future in zip(items, futures, strict=True):
                 future.add_done_callback(functools.partial(finished, i, applying))
                 waiting.append((scheduler, future))
+
+        def finished(i: int, applying: _Applying, future: asyncio.Future[WorkResult]) -> None:
+            nonlocal left
+            session = applying.request.session
+            try:
+                outcome = self._conclude(applying, future, cancelled)
+                if isinstance(outcome, _Applying):  # planned again, for weights swapped in since
+                    submit(session.model, [(i, outcome)])
+                    return
+            except Exception as exc:  # a bug here must not leave the caller waiting forever
+                log.exception("recording a step failed")
+                session.resync = True
+                outcome = exc
+            outcomes[i] = outcome
+            self._release(session)
+            left -= 1
+            if not left and not all_done.done():
+                all_done.set_result(None)
+
+        for model, items in queued.items():
+            submit(model, items)
         try:
             await all_done
         except asyncio.CancelledError:
             # Withdraw the items still queued (nothing applied); `finished` records the running ones.
+            cancelled = True
             for scheduler, future in waiting:
                 scheduler.cancel(future)
             raise
@@ -584,8 +593,8 @@ class SessionManager:
                 last_seq=last,
             )
 
-        runner = self.runners[session.model]
-        stale = session.context_steps > 0 and session.cache_version < runner.version
+        version = self.runners[session.model].version
+        stale = session.context_steps > 0 and session.cache_version < version
         drop = stale and session.on_update == UpdatePolicy.RESET
         rebuild = not drop and (session.resync or (stale and session.on_update == UpdatePolicy.REFILL))
         window, total, reset, truncated = self._window(
@@ -601,15 +610,26 @@ class SessionManager:
             seed=session.seed,
             seq=seq,
             want_scores=request.want_scores,
+            # run only with these weights (else plan again): refill and reset never mix versions
+            version=0 if session.on_update == UpdatePolicy.KEEP else version,
         )
         return _Applying(request, seq, item, truncated, drop)
 
-    def _conclude(self, applying: _Applying, future: asyncio.Future[WorkResult]) -> ActionResult | Exception:
-        """The outcome of a finished work item; records it in the session if it was applied."""
+    def _conclude(
+        self, applying: _Applying, future: asyncio.Future[WorkResult], cancelled: bool
+    ) -> ActionResult | Exception | _Applying:
+        """The outcome of a finished work item; records it in the session if it was applied. An
+        item the runner did not run because the weights changed is planned again (unless its
+        caller is gone): the new plan is returned, to be submitted."""
         session = applying.request.session
-        if future.cancelled():  # withdrawn while queued: nothing was applied
+        exc = None if future.cancelled() else future.exception()
+        if future.cancelled() or (isinstance(exc, StalePlan) and cancelled):  # nothing was applied
             return unavailable("the request was cancelled before it ran; it was not applied.", "CANCELLED")
-        exc = future.exception()
+        if isinstance(exc, StalePlan):
+            try:
+                return self._begin(applying.request)
+            except ServiceError as err:
+                return err
         if isinstance(exc, ServiceError):
             return exc  # refused before it ran (e.g. its deadline passed): nothing was applied
         if exc is not None:

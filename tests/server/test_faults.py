@@ -12,39 +12,16 @@ from typing import Any
 
 import grpc
 import pytest
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mouse_client import ActionClient, ActionError, RetryPolicy, encode_steps
 from mouse_client.v1 import action_service_pb2 as pb
-from mouse_core import Model, save_model
-from tests.helpers import config_with, golden_cases
+from tests.helpers import golden_cases
+from tests.server.conftest import LONG, slow_steps
 from tests.server_process import REPO, ServerProcess, free_port, total
 
 CASE = next(c for c in golden_cases() if c.name == "llama_gqa_long")
 NO_RETRY = RetryPolicy(max_attempts=1)
-LONG = 1300  # steps of a prefill that keeps the runner busy for about a second
-
-
-@pytest.fixture(scope="module")
-def slow_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model big enough that a long prefill keeps the runner busy for a while."""
-    torch.manual_seed(0)
-    cfg = config_with(
-        hidden_dim=256,
-        backbone_kwargs={"num_layers": 4, "num_heads": 8, "num_key_value_heads": 4},
-        embedding_kwargs={"max_num_time_steps": 64},
-    )
-    path = tmp_path_factory.mktemp("slow") / "ckpt"
-    save_model(Model(cfg), path)
-    return path
-
-
-def slow_steps(n: int) -> list[dict[str, object]]:
-    return [
-        {"action": 1, "reward": 0.0, "done": 0, "time": t % 64, "obs_continuous": [0.1, 0.2, 0.3]}
-        for t in range(n)
-    ]
 
 
 def test_graceful_shutdown(slow_checkpoint: Path) -> None:

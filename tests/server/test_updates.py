@@ -25,6 +25,7 @@ from mouse_client.v1 import action_service_pb2_grpc as pb_grpc
 from mouse_core import Model, load_model, save_model
 from mouse_core.model import FusedLayer
 from tests.helpers import config_with, golden_cases
+from tests.server.conftest import LONG, slow_steps
 from tests.server_process import ServerProcess, total
 
 CASE = next(c for c in golden_cases() if c.name == "llama_gqa_long")
@@ -201,6 +202,72 @@ def test_pushed_weights_serve_like_a_checkpoint_and_the_server_default_policy_ap
         reply = step(stub, sid, N + 1, N)
         assert reply.context_steps == 1 and reply.model_tag == "pushed"
         np.testing.assert_allclose(reply.scores, no_cache_scores(checkpoints["b"], N, N + 1), **TOLERANCE)
+
+
+@pytest.mark.parametrize("policy", [pb.UPDATE_POLICY_REFILL, pb.UPDATE_POLICY_RESET])
+def test_a_step_planned_before_an_update_runs_with_the_new_weights_alone(
+    policy: int, checkpoints: dict[str, Path], admin_file: Path, slow_checkpoint: Path
+) -> None:
+    """A step checked against version 1 whose forward comes after the swap to version 2 (the
+    runner thread was busy with another model's long prefill, the swap queued first) is planned
+    again: refill recomputes the whole context with the new weights, reset starts it over; its
+    reply is what a fresh forward of version 2 gives, never version 2 over a version 1 cache."""
+    args = ["--model", f"default={CASE.checkpoint}", "--model", f"slow={slow_checkpoint}"]
+    args += ["--admin-token-file", str(admin_file), "--prefill-chunk-steps", str(LONG)]
+    with ServerProcess(*args) as server, grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.ActionServiceStub(channel)
+        sid = open_and_feed(stub, policy)
+        slow = stub.OpenSession(pb.OpenSessionRequest(model="slow")).session_id
+        prefill = pb.GetActionRequest(session_id=slow, seq=1, steps=encode_steps(slow_steps(LONG)))
+        busy = threading.Thread(target=stub.GetAction, args=(prefill,))
+        busy.start()
+        time.sleep(0.3)  # the runner thread is in the slow model's prefill
+        updating = threading.Thread(target=update, args=(stub, checkpoints["b"], "v2"))
+        updating.start()
+        time.sleep(0.3)  # the update's swap waits for the runner thread
+        assert busy.is_alive() and updating.is_alive()
+        reply = step(stub, sid, N + 1, N)  # checked against version 1, queued behind the swap
+        busy.join(timeout=60)
+        updating.join(timeout=60)
+    assert reply.model_version == 2
+    first = 0 if policy == pb.UPDATE_POLICY_REFILL else N
+    assert reply.context_steps == N + 1 - first
+    np.testing.assert_allclose(reply.scores, no_cache_scores(checkpoints["b"], first, N + 1), **TOLERANCE)
+
+
+def test_a_prefill_whose_chunks_straddle_an_update_is_computed_by_the_new_weights(
+    admin_file: Path, slow_checkpoint: Path, tmp_path: Path
+) -> None:
+    """A refill session's long prefill runs in chunks; an update lands between two of them. The
+    prefill starts over with the new weights: its reply is a fresh forward of version 2."""
+    model = load_model(slow_checkpoint)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    save_model(model, tmp_path / "b")
+    args = ["--model", str(slow_checkpoint), "--admin-token-file", str(admin_file)]
+    with (
+        ServerProcess(*args, "--prefill-chunk-steps", "128") as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        stub = pb_grpc.ActionServiceStub(channel)
+        sid = stub.OpenSession(pb.OpenSessionRequest(on_update=pb.UPDATE_POLICY_REFILL)).session_id
+        records = slow_steps(LONG)
+        prefill = pb.GetActionRequest(session_id=sid, seq=1, steps=encode_steps(records), return_scores=True)
+        replies: list[pb.GetActionResponse] = []
+        busy = threading.Thread(target=lambda: replies.append(stub.GetAction(prefill)))
+        busy.start()
+        time.sleep(0.3)  # some chunks ran with version 1
+        assert busy.is_alive()
+        update(stub, tmp_path / "b", tag="v2")
+        busy.join(timeout=60)
+    (reply,) = replies
+    assert (reply.model_version, reply.context_steps) == (2, LONG)
+    steps = {k: torch.tensor([[r[k] for r in records]]) for k in records[0]}
+    with torch.no_grad():
+        out, _ = model(steps)
+    np.testing.assert_allclose(reply.scores, out[model.action_head][0, -1].numpy(), **TOLERANCE)
 
 
 # -- refusals change nothing ----------------------------------------------------------------------
