@@ -711,7 +711,7 @@ class SessionCore:
             try:
                 settled = yield from self.deliver_plan(budget, send, settling=True)
             except ActionError as err:
-                raise _earlier(err, self.in_doubt) from None
+                raise _earlier(err, self.in_doubt and not self.closed) from None
             if settled is not None and settled[0].key() == request_key(steps, params):
                 return settled[1]  # this call is the retry of the request that was in doubt
         self.outbox.append(self.new_request(steps, n, params))
@@ -866,7 +866,12 @@ class GroupCore:
         settled = (
             yield from self._deliver(doubtful, budget, errors, settling=True) if doubtful else _nothing()
         )
-        errors.update({i: _earlier(err, self.sessions[i].in_doubt) for i, err in errors.items()})
+        errors.update(
+            {
+                i: _earlier(err, self.sessions[i].in_doubt and not self.sessions[i].closed)
+                for i, err in errors.items()
+            }
+        )
         # 2. the new records (or, for a retry, the reply it already got)
         fresh = []
         for i, (enc, n) in zip(picked, encoded, strict=True):
