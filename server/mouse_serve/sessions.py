@@ -620,16 +620,21 @@ class SessionManager:
     ) -> ActionResult | Exception | _Applying:
         """The outcome of a finished work item; records it in the session if it was applied. An
         item the runner did not run because the weights changed is planned again (unless its
-        caller is gone): the new plan is returned, to be submitted."""
+        caller is gone): the new plan is returned, to be submitted. That happens once: updates
+        closer together than a session's refill would otherwise restart it forever, so a new
+        plan runs on through a second update (as under `keep`; the next step refills)."""
         session = applying.request.session
         exc = None if future.cancelled() else future.exception()
         if future.cancelled() or (isinstance(exc, StalePlan) and cancelled):  # nothing was applied
             return unavailable("the request was cancelled before it ran; it was not applied.", "CANCELLED")
         if isinstance(exc, StalePlan):
             try:
-                return self._begin(applying.request)
+                again = self._begin(applying.request)
             except ServiceError as err:
                 return err
+            if isinstance(again, _Applying):
+                again.item.version = 0  # runs with whatever weights serve when its turn comes
+            return again
         if isinstance(exc, ServiceError):
             return exc  # refused before it ran (e.g. its deadline passed): nothing was applied
         if exc is not None:

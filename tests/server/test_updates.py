@@ -235,39 +235,87 @@ def test_a_step_planned_before_an_update_runs_with_the_new_weights_alone(
     np.testing.assert_allclose(reply.scores, no_cache_scores(checkpoints["b"], first, N + 1), **TOLERANCE)
 
 
-def test_a_prefill_whose_chunks_straddle_an_update_is_computed_by_the_new_weights(
-    admin_file: Path, slow_checkpoint: Path, tmp_path: Path
-) -> None:
-    """A refill session's long prefill runs in chunks; an update lands between two of them. The
-    prefill starts over with the new weights: its reply is a fresh forward of version 2."""
+@pytest.fixture(scope="module")
+def slow_b(slow_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The slow model's config with other weights."""
     model = load_model(slow_checkpoint)
     torch.manual_seed(2)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    save_model(model, tmp_path / "b")
-    args = ["--model", str(slow_checkpoint), "--admin-token-file", str(admin_file)]
-    with (
-        ServerProcess(*args, "--prefill-chunk-steps", "128") as server,
-        grpc.insecure_channel(server.target) as channel,
-    ):
+    path = tmp_path_factory.mktemp("slow_b") / "ckpt"
+    save_model(model, path)
+    return path
+
+
+def long_refill_prefill(
+    stub: pb_grpc.ActionServiceStub,
+) -> tuple[threading.Thread, list[pb.GetActionResponse]]:
+    """A refill session's prefill of LONG slow steps, running in a thread (its reply lands in the list)."""
+    sid = stub.OpenSession(pb.OpenSessionRequest(on_update=pb.UPDATE_POLICY_REFILL)).session_id
+    steps = encode_steps(slow_steps(LONG))
+    prefill = pb.GetActionRequest(session_id=sid, seq=1, steps=steps, return_scores=True)
+    replies: list[pb.GetActionResponse] = []
+    busy = threading.Thread(target=lambda: replies.append(stub.GetAction(prefill)))
+    busy.start()
+    return busy, replies
+
+
+def test_a_prefill_whose_chunks_straddle_an_update_is_computed_by_the_new_weights(
+    admin_file: Path, slow_checkpoint: Path, slow_b: Path
+) -> None:
+    """A refill session's long prefill runs in chunks; an update lands between two of them. The
+    prefill starts over with the new weights: its reply is a fresh forward of version 2."""
+    args = [
+        "--model",
+        str(slow_checkpoint),
+        "--admin-token-file",
+        str(admin_file),
+        "--prefill-chunk-steps",
+        "128",
+    ]
+    with ServerProcess(*args) as server, grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.ActionServiceStub(channel)
-        sid = stub.OpenSession(pb.OpenSessionRequest(on_update=pb.UPDATE_POLICY_REFILL)).session_id
-        records = slow_steps(LONG)
-        prefill = pb.GetActionRequest(session_id=sid, seq=1, steps=encode_steps(records), return_scores=True)
-        replies: list[pb.GetActionResponse] = []
-        busy = threading.Thread(target=lambda: replies.append(stub.GetAction(prefill)))
-        busy.start()
+        busy, replies = long_refill_prefill(stub)
         time.sleep(0.3)  # some chunks ran with version 1
         assert busy.is_alive()
-        update(stub, tmp_path / "b", tag="v2")
+        update(stub, slow_b, tag="v2")
         busy.join(timeout=60)
     (reply,) = replies
     assert (reply.model_version, reply.context_steps) == (2, LONG)
-    steps = {k: torch.tensor([[r[k] for r in records]]) for k in records[0]}
+    records = slow_steps(LONG)
+    model = load_model(slow_b)
     with torch.no_grad():
-        out, _ = model(steps)
+        out, _ = model({k: torch.tensor([[r[k] for r in records]]) for k in records[0]})
     np.testing.assert_allclose(reply.scores, out[model.action_head][0, -1].numpy(), **TOLERANCE)
+
+
+def test_updates_closer_together_than_a_refill_do_not_restart_it_forever(
+    admin_file: Path, slow_checkpoint: Path, slow_b: Path
+) -> None:
+    """Updates every 0.25 s, a prefill of about a second: it is planned again once, then runs on
+    through the next updates and finishes while they go on (planned again at every update, it
+    would finish only after the last: 30 s here)."""
+    args = [
+        "--model",
+        str(slow_checkpoint),
+        "--admin-token-file",
+        str(admin_file),
+        "--prefill-chunk-steps",
+        "128",
+    ]
+    with ServerProcess(*args) as server, grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.ActionServiceStub(channel)
+        busy, replies = long_refill_prefill(stub)
+        started, updates = time.monotonic(), 0
+        while busy.is_alive() and time.monotonic() - started < 30:
+            time.sleep(0.25)
+            update(stub, slow_b if updates % 2 == 0 else slow_checkpoint, tag=f"u{updates}")
+            updates += 1
+        busy.join(timeout=60)
+        assert time.monotonic() - started < 30, f"the prefill finished only after {updates} updates"
+    (reply,) = replies
+    assert reply.context_steps == LONG and reply.model_version <= updates + 1
 
 
 # -- refusals change nothing ----------------------------------------------------------------------
