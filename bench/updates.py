@@ -52,6 +52,7 @@ class Groups:
         self.sids: list[list[str]] = [[] for _ in range(groups)]
         self.seqs = [0] * groups
         self.per_group = per_group
+        self.cuts = 0  # replies whose request cut a context (a sliding re-prefill)
 
 
 async def traffic(
@@ -90,6 +91,7 @@ async def traffic(
                         failures.append(r.error.message)
                     else:
                         versions.add(r.response.model_version)
+                        state.cuts += r.response.context_truncated
 
     await asyncio.gather(*(worker(g) for g in range(len(state.sids))))
     return samples, failures, versions
@@ -168,6 +170,8 @@ def run_policy(
         "update_p50_s": float(np.median(update_s)),
         "rss_before_mib": rss_before / 2**20,
         "rss_after_mib": rss_after / 2**20,
+        "steps": max(state.seqs),
+        "cuts": state.cuts,
     }
 
 
@@ -180,7 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--groups", type=int, default=4, help="workers, each a BatchGetAction over its sessions"
     )
-    parser.add_argument("--context", type=int, default=256, help="--max-context-steps of the server")
+    parser.add_argument(
+        "--context",
+        type=int,
+        default=1024,
+        help="--max-context-steps of the server: more than the steps a session takes in the run, so "
+        "that no sliding re-prefill (all sessions at once, seconds on the CPU) lands in a phase",
+    )
     parser.add_argument("--updates", type=int, default=20)
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between updates")
     parser.add_argument("--baseline-seconds", type=float, default=10.0)
@@ -200,9 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         f"<= {args.context} steps"
     )
     print(
-        "| on-update | failed | versions seen | p50 / p99 ms without | p50 / p99 ms during | p99 ratio | update s (p50) | RSS MiB before -> after |"
+        "| on-update | failed | versions seen | p50 / p99 ms without | p50 / p99 ms during | p99 ratio | update s (p50) | RSS MiB before -> after | steps per session |"
     )
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         ratio = r["p99_during"] / r["p99_base"]
         growth = r["rss_after_mib"] / r["rss_before_mib"] - 1
@@ -210,8 +220,12 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['policy']} | {r['failed']} | {r['versions']} | {r['p50_base']:.1f} / {r['p99_base']:.1f} | "
             f"{r['p50_during']:.1f} / {r['p99_during']:.1f} | {ratio:.2f} {'PASS' if ratio <= 2 else 'MISS'} | "
             f"{r['update_p50_s']:.3f} | {r['rss_before_mib']:.0f} -> {r['rss_after_mib']:.0f} "
-            f"({growth:+.1%}) {'PASS' if growth <= 0.05 else 'MISS'} |"
+            f"({growth:+.1%}) {'PASS' if growth <= 0.05 else 'MISS'} | {r['steps']} |"
         )
+        if r["cuts"]:
+            print(
+                f"warning: {r['cuts']} replies cut a context ({r['policy']}): raise --context above the steps"
+            )
     return 0
 
 
