@@ -597,7 +597,8 @@ class SessionCore:
 
     @property
     def in_doubt(self) -> bool:
-        """True while a request of this session has an unknown outcome (resolved on the next call)."""
+        """True while a request of this session has an unknown outcome, or was refused only for
+        now (`ActionError.earlier == "pending"`): the next call sends it first."""
         return bool(self.outbox) or self.lost
 
     def check_open(self) -> None:
