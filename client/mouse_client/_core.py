@@ -63,7 +63,7 @@ HEALTH_SERVICE = "mouse.action.v1.ActionService"
 _LOST_REASONS = (None, "SESSION_NOT_FOUND", "SESSION_EXPIRED")
 _RECOVERIES_PER_CALL = 3
 # Refusals of a request that was not applied but would be if sent again later.
-_NOT_YET = frozenset({"DEADLINE_NOT_APPLIED", "SESSION_QUEUE_FULL", "CANCELLED"})
+_NOT_YET = frozenset({"DEADLINE_NOT_APPLIED", "SESSION_QUEUE_FULL"})
 
 
 # -- operations the shells run ----------------------------------------------------------------
