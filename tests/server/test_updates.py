@@ -248,6 +248,17 @@ def slow_b(slow_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return path
 
 
+@pytest.fixture
+def slow_stub(admin_file: Path, slow_checkpoint: Path) -> Iterator[pb_grpc.ActionServiceStub]:
+    """A fresh server of the slow model, whose long prefills run in chunks of 128 steps."""
+    args = ["--model", str(slow_checkpoint), "--admin-token-file", str(admin_file)]
+    with (
+        ServerProcess(*args, "--prefill-chunk-steps", "128") as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        yield pb_grpc.ActionServiceStub(channel)
+
+
 def long_refill_prefill(
     stub: pb_grpc.ActionServiceStub,
 ) -> tuple[threading.Thread, list[pb.GetActionResponse]]:
@@ -262,25 +273,15 @@ def long_refill_prefill(
 
 
 def test_a_prefill_whose_chunks_straddle_an_update_is_computed_by_the_new_weights(
-    admin_file: Path, slow_checkpoint: Path, slow_b: Path
+    slow_stub: pb_grpc.ActionServiceStub, slow_b: Path
 ) -> None:
     """A refill session's long prefill runs in chunks; an update lands between two of them. The
     prefill starts over with the new weights: its reply is a fresh forward of version 2."""
-    args = [
-        "--model",
-        str(slow_checkpoint),
-        "--admin-token-file",
-        str(admin_file),
-        "--prefill-chunk-steps",
-        "128",
-    ]
-    with ServerProcess(*args) as server, grpc.insecure_channel(server.target) as channel:
-        stub = pb_grpc.ActionServiceStub(channel)
-        busy, replies = long_refill_prefill(stub)
-        time.sleep(0.3)  # some chunks ran with version 1
-        assert busy.is_alive()
-        update(stub, slow_b, tag="v2")
-        busy.join(timeout=60)
+    busy, replies = long_refill_prefill(slow_stub)
+    time.sleep(0.3)  # some chunks ran with version 1
+    assert busy.is_alive()
+    update(slow_stub, slow_b, tag="v2")
+    busy.join(timeout=60)
     (reply,) = replies
     assert (reply.model_version, reply.context_steps) == (2, LONG)
     records = slow_steps(LONG)
@@ -291,29 +292,19 @@ def test_a_prefill_whose_chunks_straddle_an_update_is_computed_by_the_new_weight
 
 
 def test_updates_closer_together_than_a_refill_do_not_restart_it_forever(
-    admin_file: Path, slow_checkpoint: Path, slow_b: Path
+    slow_stub: pb_grpc.ActionServiceStub, slow_checkpoint: Path, slow_b: Path
 ) -> None:
     """Updates every 0.25 s, a prefill of about a second: it is planned again once, then runs on
     through the next updates and finishes while they go on (planned again at every update, it
     would finish only after the last: 30 s here)."""
-    args = [
-        "--model",
-        str(slow_checkpoint),
-        "--admin-token-file",
-        str(admin_file),
-        "--prefill-chunk-steps",
-        "128",
-    ]
-    with ServerProcess(*args) as server, grpc.insecure_channel(server.target) as channel:
-        stub = pb_grpc.ActionServiceStub(channel)
-        busy, replies = long_refill_prefill(stub)
-        started, updates = time.monotonic(), 0
-        while busy.is_alive() and time.monotonic() - started < 30:
-            time.sleep(0.25)
-            update(stub, slow_b if updates % 2 == 0 else slow_checkpoint, tag=f"u{updates}")
-            updates += 1
-        busy.join(timeout=60)
-        assert time.monotonic() - started < 30, f"the prefill finished only after {updates} updates"
+    busy, replies = long_refill_prefill(slow_stub)
+    started, updates = time.monotonic(), 0
+    while busy.is_alive() and time.monotonic() - started < 30:
+        time.sleep(0.25)
+        update(slow_stub, slow_b if updates % 2 == 0 else slow_checkpoint, tag=f"u{updates}")
+        updates += 1
+    busy.join(timeout=60)
+    assert time.monotonic() - started < 30, f"the prefill finished only after {updates} updates"
     (reply,) = replies
     assert reply.context_steps == LONG and reply.model_version <= updates + 1
 
