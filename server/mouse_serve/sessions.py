@@ -497,7 +497,8 @@ class SessionManager:
         at once for a refused request or a retry's reply, when its forward finishes for the
         others. That holds even when the caller is cancelled while waiting: requests still queued
         are then withdrawn (nothing applied), and those already running are recorded when they
-        finish, so a retry of their seq gets their reply.
+        finish, so a retry of their seq gets their reply. A request the runner skipped because
+        the weights changed after it was planned is planned again and queued anew (`_conclude`).
         """
         outcomes: list[Any] = [None] * len(requests)
         waiting: list[tuple[Scheduler, asyncio.Future[WorkResult]]] = []
@@ -631,6 +632,7 @@ class SessionManager:
             try:
                 again = self._begin(applying.request)
             except ServiceError as err:
+                session.resync = True  # its slot may hold leading chunks: rebuild from history next time
                 return err
             if isinstance(again, _Applying):
                 again.item.version = 0  # runs with whatever weights serve when its turn comes
