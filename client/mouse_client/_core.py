@@ -712,7 +712,7 @@ class SessionCore:
             try:
                 settled = yield from self.deliver_plan(budget, send, settling=True)
             except ActionError as err:
-                raise _earlier(err, self.in_doubt and not self.closed) from None
+                raise _earlier(err, self) from None
             if settled is not None and settled[0].key() == request_key(steps, params):
                 return settled[1]  # this call is the retry of the request that was in doubt
         self.outbox.append(self.new_request(steps, n, params))
@@ -761,8 +761,10 @@ class SessionCore:
                 raise
 
 
-def _earlier(err: ActionError, pending: bool) -> ActionError:
-    """`err`, said to concern the earlier request that was being settled, not the new records."""
+def _earlier(err: ActionError, session: SessionCore) -> ActionError:
+    """`err`, said to concern the earlier request of `session` that was being settled, not the
+    new records; it is pending when the session still holds it to send."""
+    pending = session.in_doubt and not session.closed
     fate = (
         "it was not applied and goes first on the session's next call"
         if pending
@@ -867,12 +869,7 @@ class GroupCore:
         settled = (
             yield from self._deliver(doubtful, budget, errors, settling=True) if doubtful else _nothing()
         )
-        errors.update(
-            {
-                i: _earlier(err, self.sessions[i].in_doubt and not self.sessions[i].closed)
-                for i, err in errors.items()
-            }
-        )
+        errors.update({i: _earlier(err, self.sessions[i]) for i, err in errors.items()})
         # 2. the new records (or, for a retry, the reply it already got)
         fresh = []
         for i, (enc, n) in zip(picked, encoded, strict=True):

@@ -473,11 +473,10 @@ class ModelRunner:
     def run(self, items: list[WorkItem]) -> list[WorkResult | None]:
         """Apply every item's steps in one batched forward and sample all actions at once. An
         item planned for other weights than the served ones is not run: its result is None."""
-        version = self.version
-        if all(item.version in (0, version) for item in items):
+        current = [j for j, item in enumerate(items) if item.version in (0, self.version)]
+        if len(current) == len(items):
             return self._run(items)  # type: ignore[return-value]
         results: list[WorkResult | None] = [None] * len(items)
-        current = [j for j, item in enumerate(items) if item.version in (0, version)]
         if current:
             for j, result in zip(current, self._run([items[j] for j in current]), strict=True):
                 results[j] = result

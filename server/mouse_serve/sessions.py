@@ -689,15 +689,16 @@ class SessionManager:
         kept = held if rebuild else 0  # context steps replayed from the history
         truncated = held + n > limit
         if truncated:
-            if session.policy == ContextPolicy.REJECT and n > limit:
-                raise invalid(
-                    f"steps carries {n} steps but session {session.id!r} holds at most {limit} "
-                    f"(policy REJECT), so they can never fit; send at most {limit} steps per request, "
-                    "or open the session with a larger max_context_steps or another context policy.",
-                    "STEPS_EXCEED_CONTEXT",
-                    field="steps",
-                )
             if session.policy == ContextPolicy.REJECT:
+                if n > limit:
+                    raise invalid(
+                        f"steps carries {n} steps but session {session.id!r} holds at most {limit} "
+                        f"(policy REJECT), so they can never fit; send at most {limit} steps per "
+                        "request, or open the session with a larger max_context_steps or another "
+                        "context policy.",
+                        "STEPS_EXCEED_CONTEXT",
+                        field="steps",
+                    )
                 raise failed_precondition(
                     f"session {session.id!r} holds {held} of {limit} context steps and "
                     f"cannot take {n} more (policy REJECT); call ResetSession or open it with another policy.",

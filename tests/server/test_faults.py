@@ -7,8 +7,8 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -146,27 +146,20 @@ def test_an_earlier_request_refused_for_now_stays_pending(slow_checkpoint: Path,
             step(slow_steps(LONG))  # the model starts it at once: it runs on
         assert info.value.in_doubt and session.in_doubt
         stray = pb.GetActionRequest(session_id=session.id, seq=1, steps=encode_steps(slow_steps(1)))
-        refused: list[grpc.RpcError] = []
-        worker = threading.Thread(target=lambda: _refused(client.stub(session.id).GetAction, stray, refused))
-        worker.start()
-        time.sleep(0.1)  # the stray request waits for the session behind the prefill
-        with pytest.raises(ActionError) as info:
-            step(slow_steps(2))
-        err = info.value
-        assert err.reason == "SESSION_QUEUE_FULL" and err.earlier == "pending" and not err.in_doubt
-        assert "the new records were not sent" in err.message and session.in_doubt
-        worker.join(timeout=60)
-        assert refused and refused[0].code() == grpc.StatusCode.FAILED_PRECONDITION  # seq 1 was the prefill
+        with ThreadPoolExecutor(1) as pool:
+            stray_call = pool.submit(client.stub(session.id).GetAction, stray)
+            time.sleep(0.1)  # the stray request waits for the session behind the prefill
+            with pytest.raises(ActionError) as info:
+                step(slow_steps(2))
+            err = info.value
+            assert err.reason == "SESSION_QUEUE_FULL" and err.earlier == "pending" and not err.in_doubt
+            assert "the new records were not sent" in err.message and session.in_doubt
+            refused = stray_call.exception(timeout=60)
+        assert isinstance(refused, grpc.RpcError)
+        assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION  # seq 1 was the prefill
         client.timeout_s = None
         reply = step(slow_steps(2))
         assert (reply.seq, reply.context_steps) == (2, LONG + 2) and not session.in_doubt
-
-
-def _refused(call: Any, request: pb.GetActionRequest, out: list[grpc.RpcError]) -> None:
-    try:
-        call(request)
-    except grpc.RpcError as err:
-        out.append(err)
 
 
 def test_kill_9_and_restart_loses_and_repeats_nothing() -> None:
