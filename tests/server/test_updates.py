@@ -44,14 +44,23 @@ TOLERANCE = (
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """a: the golden checkpoint; b: the same config, other weights; wrong: another architecture."""
     root = tmp_path_factory.mktemp("updates")
-    model = load_model(CASE.checkpoint)
-    torch.manual_seed(1)
+    save_model(Model(config_with(hidden_dim=48)), root / "wrong")
+    return {
+        "a": CASE.checkpoint,
+        "b": other_weights(CASE.checkpoint, root / "b", seed=1),
+        "wrong": root / "wrong",
+    }
+
+
+def other_weights(checkpoint: Path, out: Path, seed: int) -> Path:
+    """`checkpoint`'s model with seeded noise on every weight, saved at `out`."""
+    model = load_model(checkpoint)
+    torch.manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    save_model(model, root / "b")
-    save_model(Model(config_with(hidden_dim=48)), root / "wrong")
-    return {"a": CASE.checkpoint, "b": root / "b", "wrong": root / "wrong"}
+    save_model(model, out)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -81,16 +90,24 @@ def record(s: int) -> dict[str, object]:
 
 def stream(first: int, last: int) -> dict[str, torch.Tensor]:
     """Steps first..last-1 of the test's history as a [1, S] step stream."""
-    recs = [record(s) for s in range(first, last)]
-    return {k: torch.tensor([[r[k] for r in recs]]) for k in recs[0]}
+    return as_stream([record(s) for s in range(first, last)])
+
+
+def as_stream(records: list[dict[str, object]]) -> dict[str, torch.Tensor]:
+    return {k: torch.tensor([[r[k] for r in records]]) for k in records[0]}
+
+
+def fresh_scores(checkpoint: Path, records: list[dict[str, object]]) -> np.ndarray:
+    """The action scores of a fresh forward of `checkpoint` over `records`."""
+    model = load_model(checkpoint)
+    with torch.no_grad():
+        out, _ = model(as_stream(records))
+    return out[model.action_head][0, -1].numpy()
 
 
 def no_cache_scores(checkpoint: Path, first: int, last: int) -> np.ndarray:
     """The action scores of a fresh forward of `checkpoint` over steps first..last-1."""
-    model = load_model(checkpoint)
-    with torch.no_grad():
-        out, _ = model(stream(first, last))
-    return out[model.action_head][0, -1].numpy()
+    return fresh_scores(checkpoint, [record(s) for s in range(first, last)])
 
 
 def reason(err: grpc.RpcError) -> str:
@@ -238,14 +255,7 @@ def test_a_step_planned_before_an_update_runs_with_the_new_weights_alone(
 @pytest.fixture(scope="module")
 def slow_b(slow_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The slow model's config with other weights."""
-    model = load_model(slow_checkpoint)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp("slow_b") / "ckpt"
-    save_model(model, path)
-    return path
+    return other_weights(slow_checkpoint, tmp_path_factory.mktemp("slow_b") / "ckpt", seed=2)
 
 
 @pytest.fixture
@@ -284,11 +294,7 @@ def test_a_prefill_whose_chunks_straddle_an_update_is_computed_by_the_new_weight
     busy.join(timeout=60)
     (reply,) = replies
     assert (reply.model_version, reply.context_steps) == (2, LONG)
-    records = slow_steps(LONG)
-    model = load_model(slow_b)
-    with torch.no_grad():
-        out, _ = model({k: torch.tensor([[r[k] for r in records]]) for k in records[0]})
-    np.testing.assert_allclose(reply.scores, out[model.action_head][0, -1].numpy(), **TOLERANCE)
+    np.testing.assert_allclose(reply.scores, fresh_scores(slow_b, slow_steps(LONG)), **TOLERANCE)
 
 
 def test_updates_closer_together_than_a_refill_do_not_restart_it_forever(
