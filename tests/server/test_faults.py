@@ -141,14 +141,15 @@ def test_an_earlier_request_refused_for_now_stays_pending(slow_checkpoint: Path,
         else:
             session = client.open_session(recover=False)
             step = session.get_reply
-        client.timeout_s = 0.3
+        client.timeout_s = 0.4
         with pytest.raises(ActionError) as info:
-            step(slow_steps(LONG))  # the model starts it at once: it runs on
+            step(slow_steps(LONG))  # the model starts it at once: it runs on (1.4 s when idle)
         assert info.value.in_doubt and session.in_doubt
+        client.timeout_s = 10  # the refusal below comes at once; a loaded machine answers late
         stray = pb.GetActionRequest(session_id=session.id, seq=1, steps=encode_steps(slow_steps(1)))
         with ThreadPoolExecutor(1) as pool:
             stray_call = pool.submit(client.stub(session.id).GetAction, stray)
-            time.sleep(0.1)  # the stray request waits for the session behind the prefill
+            time.sleep(0.2)  # the stray request waits for the session behind the prefill
             with pytest.raises(ActionError) as info:
                 step(slow_steps(2))
             err = info.value
